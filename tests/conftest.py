@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny Dia2 checkpoint the repo ships (a copy of the original runtime's golden set)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "dia2-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(TINY / "golden.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_cases() -> list[dict]:
+    return json.loads((TINY / "golden.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from dia2_worker.engine import Dia2Engine
+
+    return Dia2Engine.load(TINY)
