@@ -1,0 +1,265 @@
+"""Dia2's two transformers: the backbone (one step per 80 ms frame) and the depformer (one stage per codebook).
+
+Modules read like the math of the spec; every tensor they hold comes from the checkpoint (built on the
+meta device, then the checkpoint's tensors are assigned). Shapes: R rows (two CFG branches per
+generation), T frames, E backbone width, d depformer width, D head dim. Caches are static: the
+backbone writes each frame's K/V at a per-row slot, the depformer at the stage index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Dia2Config, StackConfig
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name in ("silu", "swish", "swiglu"):
+        return F.silu
+    if name in ("gelu", "geglu"):
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    return lambda x: x  # "linear"
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 so bf16 runs keep the statistics exact."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device) -> torch.Tensor:
+    """cos/sin over cat(angle, angle), angle = pos * (1 / timescale), in float32 as the original tables."""
+    fraction = (2.0 * torch.arange(0, head_dim // 2, device=device)) / head_dim
+    inv_timescale = 1.0 / (min_ts * (max_ts / min_ts) ** fraction)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_timescale)
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()])  # [2, length, D]
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [R, T, H, D]; rope: [2, R, T, 1, D] gathered at each row's positions."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * rope[0] + torch.cat([-x2, x1], dim=-1) * rope[1]).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """wo(act0(gate) * act1(up)) with gate and up stacked in one wi projection."""
+
+    def __init__(self, dim: int, hidden: int, activations: tuple[str, str]) -> None:
+        super().__init__()
+        self.wi = nn.Linear(dim, 2 * hidden, bias=False)
+        self.wo = nn.Linear(hidden, dim, bias=False)
+        self.act_gate, self.act_up = activation(activations[0]), activation(activations[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.wi(x).chunk(2, dim=-1)
+        return self.wo(self.act_gate(gate) * self.act_up(up))
+
+
+class TextEmbedding(nn.Module):
+    """main_proj(emb[main]) + second_proj(emb[second]), the second term dropped where second is pad."""
+
+    def __init__(self, vocab: int, dim: int, rank: int | None, pad_id: int) -> None:
+        super().__init__()
+        rank = rank or dim
+        self.embedding = nn.Embedding(vocab, rank)
+        self.main_proj = nn.Linear(rank, dim, bias=False)
+        self.second_proj = nn.Linear(rank, dim, bias=False)
+        self.pad_id = pad_id
+
+    def forward(self, main: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        out_second = self.second_proj(self.embedding(second))
+        keep = (second != self.pad_id).unsqueeze(-1)
+        return self.main_proj(self.embedding(main)) + torch.where(keep, out_second, torch.zeros_like(out_second))
+
+
+@dataclass
+class KVCache:
+    """Static K/V for every layer: [L, R, H_kv, S, D]. A row's frame writes slot `slots[r, t]`."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def allocate(cls, layers: int, rows: int, heads: int, length: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> "KVCache":
+        shape = (layers, rows, heads, length, head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+
+class Attention(nn.Module):
+    """Backbone grouped-query attention: per-head RMSNorm on q and k, RoPE, softmax(q k^T) with scale 1."""
+
+    def __init__(self, cfg: StackConfig, eps: float) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.gqa_query_heads, cfg.kv_heads, cfg.gqa_head_dim
+        width = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, width, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.n_embd, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps)
+        self.k_norm = RMSNorm(self.head_dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor | None,
+                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """rows: the cache rows of x's rows (None: all rows, in order); slots [R, T]: where each frame's K/V go."""
+        R, T, _ = x.shape
+        D = self.head_dim
+        q, k, v = self.qkv(x).split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
+        q = apply_rope(self.q_norm(q.view(R, T, self.heads, D)), rope)
+        k = apply_rope(self.k_norm(k.view(R, T, self.kv_heads, D)), rope)
+        index = (torch.arange(R, device=x.device) if rows is None else rows).unsqueeze(1)
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[index, :, slots] = k
+        values[index, :, slots] = v.view(R, T, self.kv_heads, D)
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
+        kv_len = mask.shape[-1]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys[:, :, :kv_len], values[:, :, :kv_len],
+            attn_mask=mask, scale=1.0, enable_gqa=self.heads != self.kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(R, T, self.heads * D))
+
+
+class BackboneLayer(nn.Module):
+    def __init__(self, cfg: StackConfig, eps: float) -> None:
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.n_embd, eps)
+        self.attn = Attention(cfg, eps)
+        self.post_norm = RMSNorm(cfg.n_embd, eps)
+        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
+
+
+class Backbone(nn.Module):
+    """The frame-rate transformer: text + audio tokens of a frame -> hidden, action logits, codebook-0 logits."""
+
+    def __init__(self, config: Dia2Config) -> None:
+        super().__init__()
+        data, cfg = config.data, config.model.decoder
+        self.num_codebooks, self.audio_vocab = data.num_codebooks, data.audio_vocab_size
+        self.text_embed = TextEmbedding(data.text_vocab_size, cfg.n_embd, cfg.low_rank_dim, data.text_pad_token_id)
+        # The C per-codebook tables stacked into one [C * V, E] table: one gather per frame.
+        self.audio_embed = nn.Embedding(data.num_codebooks * data.audio_vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(BackboneLayer(cfg, config.model.norm_eps) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, config.model.norm_eps)
+        self.action_head = nn.Linear(cfg.n_embd, data.action_vocab_size, bias=False)
+        self.cb0_head = nn.Linear(cfg.n_embd, data.audio_vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, rope: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                kv_len: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens: [R, T, 2 + C] (main text, second text, audio codebooks); slots: [R, T] cache slots;
+        rows: the cache rows of the R rows (None: all cache rows, in order); attention reads slots < kv_len.
+
+        Returns the normalised hidden [R, T, E] and float32 action / codebook-0 logits.
+        """
+        offsets = torch.arange(self.num_codebooks, device=tokens.device) * self.audio_vocab
+        audio = self.audio_embed(tokens[..., 2:] + offsets)
+        x = self.text_embed(tokens[..., 0], tokens[..., 1])
+        for c in range(self.num_codebooks):  # summed in codebook order, as the original does
+            x = x + audio[..., c, :]
+        mask = (torch.arange(kv_len, device=tokens.device) <= slots.unsqueeze(-1)).unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn(layer.pre_norm(x), rope, i, cache, rows, slots, mask)
+            x = x + layer.mlp(layer.post_norm(x))
+        hidden = self.norm(x)
+        return hidden, self.action_head(hidden).float(), self.cb0_head(hidden).float()
+
+
+class StageAttention(nn.Module):
+    """Depformer self-attention over this frame's stages; q, k, v and output weights chosen per stage."""
+
+    def __init__(self, cfg: StackConfig, groups: tuple[int, ...], eps: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim = cfg.gqa_query_heads, cfg.gqa_head_dim
+        inner = self.heads * self.head_dim
+        self.in_proj = nn.ModuleDict({str(g): nn.Linear(cfg.n_embd, 3 * inner, bias=False) for g in groups})
+        self.out_proj = nn.ModuleDict({str(g): nn.Linear(inner, cfg.n_embd, bias=False) for g in groups})
+        self.q_norm = RMSNorm(self.head_dim, eps)
+        self.k_norm = RMSNorm(self.head_dim, eps)
+
+    def forward(self, x: torch.Tensor, stage: int, group: int, rope: torch.Tensor | None, layer: int,
+                cache: KVCache) -> torch.Tensor:
+        R, H, D = x.shape[0], self.heads, self.head_dim
+        q, k, v = self.in_proj[str(group)](x).view(R, 1, 3, H, D).unbind(dim=2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        cache.keys[layer, :, :, stage] = k[:, 0]
+        cache.values[layer, :, :, stage] = v[:, 0]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), cache.keys[layer, :, :, : stage + 1], cache.values[layer, :, :, : stage + 1],
+            scale=1.0,
+        )
+        return self.out_proj[str(group)](out.reshape(R, H * D))
+
+
+class DepformerLayer(nn.Module):
+    def __init__(self, cfg: StackConfig, groups: tuple[int, ...], eps: float) -> None:
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.n_embd, eps)
+        self.self_attention = StageAttention(cfg, groups, eps)
+        self.post_norm = RMSNorm(cfg.n_embd, eps)
+        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
+
+
+class Depformer(nn.Module):
+    """Predicts codebooks 1..C-1 of a frame, one stage each, from the backbone hidden and the previous codebook."""
+
+    def __init__(self, config: Dia2Config) -> None:
+        super().__init__()
+        data, cfg = config.data, config.model.depformer
+        stages, groups = config.num_stages, config.weight_groups
+        self.schedule = config.runtime.weights_schedule
+        self.vocab_limit = config.stage_vocab
+        self.audio_embeds = nn.ModuleList(nn.Embedding(data.audio_vocab_size, cfg.n_embd) for _ in range(stages))
+        self.text_embed = (
+            TextEmbedding(data.text_vocab_size, cfg.n_embd, None, data.text_pad_token_id)
+            if cfg.text_embedding else None
+        )
+        backbone_width = config.model.decoder.n_embd
+        self.depformer_in = nn.ModuleDict({str(g): nn.Linear(backbone_width, cfg.n_embd, bias=False) for g in groups})
+        self.layers = nn.ModuleList(DepformerLayer(cfg, groups, config.model.norm_eps) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, config.model.norm_eps)
+        self.logits = nn.ModuleList(nn.Linear(cfg.n_embd, data.audio_vocab_size, bias=False) for _ in range(stages))
+
+    def forward(self, stage: int, hidden: torch.Tensor, prev_audio: torch.Tensor, main: torch.Tensor,
+                second: torch.Tensor, rope: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Stage `stage` (predicting codebook stage + 1): hidden [R, E], prev_audio/main/second [R].
+
+        Returns float32 logits [R, vocab_limit]; pad and BOS entries are cut off.
+        """
+        group = self.schedule[stage]
+        token = self.audio_embeds[stage](prev_audio)
+        if stage == 0 and self.text_embed is not None:
+            token = token + self.text_embed(main, second)
+        x = self.depformer_in[str(group)](hidden) + token
+        for i, layer in enumerate(self.layers):
+            x = x + layer.self_attention(layer.pre_norm(x), stage, group, rope, i, cache)
+            x = x + layer.mlp(layer.post_norm(x))
+        return self.logits[stage](self.norm(x))[..., : self.vocab_limit].float()
+
+
+class Dia2Model(nn.Module):
+    def __init__(self, config: Dia2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Backbone(config)
+        self.depformer = Depformer(config)
