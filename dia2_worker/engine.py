@@ -1,0 +1,569 @@
+"""Dia2 generation: requests become plans, plans become rows of a batched state, and one step advances every
+row by one 80 ms frame.
+
+The state of a generation (cache rows, frame counter, delayed audio buffer, text machine, sampling
+parameters) lives in `GenerationState`, whose tensors all have a batch dimension, so the scheduler can run
+many generations in one step and the whole step can be captured as one CUDA graph. `Dia2Engine.stream`
+runs a single generation eagerly and yields audio frames (delays undone) and words as soon as they are
+final; `generate` is exactly the concatenation of what `stream` yields, decoded by Mimi.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import build_model, load_published_weights
+from .config import Dia2Config
+from .model import Dia2Model, KVCache, rope_tables
+from .sampling import SamplingParams, guide, sample, uniform
+from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, normalize_script, parse_script,
+                   prefix_entries, text_step)
+
+UNGENERATED = -2            # buffer cells no frame has written yet
+NOT_SET = -(1 << 40)        # first-word frame not seen yet
+NEVER = 1 << 40             # EOS cutoff not known yet
+MAX_SEED = (1 << 63) - 1
+
+
+class GenerationParamError(ValueError):
+    """A generation parameter out of range; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings. Temperatures of 0 mean greedy; cfg_scale 1 disables guidance."""
+
+    text_temperature: float = 0.6
+    text_top_k: int = 50
+    audio_temperature: float = 0.8
+    audio_top_k: int = 50
+    cfg_scale: float = 2.0
+    cfg_filter_k: int = 50
+    initial_padding: int = 2
+    seed: int | None = None
+    max_frames: int | None = None
+
+    def validate(self) -> None:
+        for name in ("text_temperature", "audio_temperature"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise GenerationParamError(name, f"must be a finite number >= 0 (0 = greedy), got {value}")
+        for name in ("text_top_k", "audio_top_k"):
+            if getattr(self, name) < 1:
+                raise GenerationParamError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale <= 0:
+            raise GenerationParamError("cfg_scale", f"must be a finite number > 0, got {self.cfg_scale}")
+        if self.cfg_filter_k < 1:
+            raise GenerationParamError("cfg_filter_k", f"must be >= 1, got {self.cfg_filter_k}")
+        if self.initial_padding < 0:
+            raise GenerationParamError("initial_padding", f"must be >= 0, got {self.initial_padding}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise GenerationParamError("seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise GenerationParamError("max_frames", f"must be >= 1, got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class PrefixSpeech:
+    """Earlier speech of one speaker: audio (float samples [N] or [N, channels]) and its word timings."""
+
+    samples: np.ndarray | torch.Tensor
+    sample_rate: int
+    words: tuple[tuple[str, float, float], ...]
+
+
+@dataclass(frozen=True)
+class VoicePrefix:
+    speaker_1: PrefixSpeech
+    speaker_2: PrefixSpeech | None = None
+    include_audio: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    script: str | Sequence[str]
+    params: GenerationParams = GenerationParams()
+    prefix: VoicePrefix | None = None
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Everything host-side a generation needs, computed once before it joins a batch."""
+
+    entries: tuple[Entry, ...]
+    params: GenerationParams          # seed resolved
+    prefix_codes: torch.Tensor | None  # aligned prefix codes [C, T]
+    prefix_new_word_steps: frozenset[int]
+    prefix_entry_count: int
+    include_prefix: bool
+    start_frame: int
+    max_frames: int
+    buffer_length: int
+    main_carries_new_word: bool       # if not, the crop is known before the first frame
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    """One finished frame of the output (after the crop): all codebooks, delays undone."""
+
+    index: int
+    tokens: torch.Tensor  # [C] int64, CPU
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    time_s: float
+
+
+Event = AudioFrame | Word
+
+
+@dataclass
+class GenerationState:
+    """B generations: cache rows (conditional rows 0..B-1, unconditional B..2B-1) and per-row state."""
+
+    cache: KVCache
+    stage_cache: KVCache
+    text: TextState
+    sampling: SamplingParams
+    audio: torch.Tensor           # [B, C, L] delayed audio tokens
+    text_tokens: torch.Tensor     # [B, 2] conditional (main, second) input of the next frame
+    frame: torch.Tensor           # [B] next frame to run
+    slot_shift: torch.Tensor      # [B] 1 after a voice prefix (its last frame is run twice), else 0
+    stop_frame: torch.Tensor      # [B] frame budget end
+    eos_cutoff: torch.Tensor      # [B] stop before this frame once the script has ended
+    first_word_frame: torch.Tensor  # [B]
+    initial_padding: torch.Tensor   # [B]
+
+    @property
+    def batch(self) -> int:
+        return self.frame.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.audio.shape[2]
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for every row (device tensors; rows not `active` produced nothing)."""
+
+    active: torch.Tensor          # [B] the row ran a real frame
+    frame_index: torch.Tensor     # [B] index of the aligned frame finished by this step (< 0: none)
+    frame_tokens: torch.Tensor    # [B, C]
+    word_entry: torch.Tensor      # [B] entry consumed as a word this step (-1: none)
+    first_word_frame: torch.Tensor  # [B]
+    done: torch.Tensor            # [B] the row has no frame left to run
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor          # [C, T] int64 aligned, cropped
+    waveform: torch.Tensor        # [T * 1920] float32 in [-1, 1]
+    sample_rate: int
+    timestamps: list[tuple[str, float]]
+    seed: int
+
+    @property
+    def frames(self) -> int:
+        return self.tokens.shape[1]
+
+
+class Dia2Engine:
+    """A loaded Dia2 model with its tokenizer and Mimi codec."""
+
+    def __init__(self, config: Dia2Config, model: Dia2Model, tokenizer: Dia2Tokenizer, codec,
+                 device: torch.device) -> None:
+        self.config, self.model, self.tokenizer, self.codec = config, model, tokenizer, codec
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        data = config.data
+        self.ids = tokenizer.token_ids(data.text_new_word_token_id, data.text_pad_token_id, data.text_zero_token_id)
+        self.ahead = data.second_stream_ahead
+        self.delays = torch.tensor(data.delay_pattern, device=device)
+        self.max_delay = data.max_delay
+        self.flush_frames = self.max_delay + MAX_PADDING
+        dep = config.model.depformer
+        stage_rope = rope_tables(dep.gqa_head_dim, config.model.rope_min_timescale, config.model.rope_max_timescale,
+                                 max(config.num_stages, 1), device)
+        self.stage_ropes = [stage_rope[:, s].view(2, 1, 1, 1, -1) if dep.apply_rope else None
+                            for s in range(config.num_stages)]
+        self._ropes: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, model_dir: str | Path, mimi_dir: str | Path | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> "Dia2Engine":
+        """A published model directory (config.json, model.safetensors, tokenizer.json; Mimi in `mimi/`)."""
+        from .mimi import load_mimi
+
+        model_dir, device = Path(model_dir), torch.device(device)
+        config = Dia2Config.load(model_dir / "config.json")
+        tensors = load_published_weights(model_dir / "model.safetensors", config, device, dtype)
+        model = build_model(config, tensors)
+        codec = load_mimi(Path(mimi_dir) if mimi_dir else model_dir / "mimi", device=device, dtype=dtype)
+        if codec.num_codebooks < config.num_codebooks:
+            raise ValueError(f"Mimi has {codec.num_codebooks} codebooks but the model needs {config.num_codebooks}")
+        return cls(config, model, Dia2Tokenizer.from_dir(model_dir), codec, device)
+
+    # ----------------------------------------------------------------- planning (host side)
+
+    def prepare(self, request: GenerationRequest) -> GenerationPlan:
+        """Validate and tokenise a request; encode its voice prefix. Raises GenerationParamError."""
+        params = request.params
+        params.validate()
+        if params.seed is None:
+            params = replace(params, seed=secrets.randbits(63))
+        script = normalize_script(request.script)
+        if not script:
+            raise GenerationParamError("text", "must not be empty or whitespace only")
+        entries = parse_script(script, self.tokenizer, self.ids)
+        if not entries:
+            raise GenerationParamError("text", "contains no words")
+        prefix_entries_, steps, codes = self._prefix(request.prefix) if request.prefix else ([], [], None)
+        frames_prefix = 0 if codes is None else codes.shape[1]
+        max_context = self.config.runtime.max_context_steps
+        max_frames = min(params.max_frames or max_context, max_context)
+        needed = self._frames_needed(entries, 0 if codes is not None else params.initial_padding)
+        if needed > max_frames:
+            limit = "max_frames" if max_frames < max_context else "max_context_steps"
+            raise GenerationParamError(
+                "text", f"needs at least {needed} frames ({needed / FRAME_RATE:.1f} s) to be spoken, "
+                        f"more than the limit of {max_frames} frames ({limit})")
+        all_entries = tuple(prefix_entries_ + entries)
+        return GenerationPlan(
+            entries=all_entries,
+            params=params,
+            prefix_codes=codes,
+            prefix_new_word_steps=frozenset(steps),
+            prefix_entry_count=len(prefix_entries_),
+            include_prefix=bool(request.prefix and request.prefix.include_audio),
+            start_frame=max(frames_prefix - 1, 0),
+            max_frames=max_frames,
+            buffer_length=max_context + 1 + (frames_prefix + self.max_delay if codes is not None else 0),
+            main_carries_new_word=self.ahead == 0 or any(self.ids.new_word in e.tokens for e in all_entries),
+        )
+
+    def _frames_needed(self, entries: Sequence[Entry], initial_padding: int) -> int:
+        """Fewest frames that speak every entry: a word takes its tokens + 1, a pause its padding + 1, then
+        the end of script and the flush of the delayed codebooks."""
+        return initial_padding + sum(max(len(e.tokens), e.padding) + 1 for e in entries) + self.flush_frames
+
+    def _prefix(self, prefix: VoicePrefix) -> tuple[list[Entry], list[int], torch.Tensor]:
+        """Prefix speakers -> word entries, forced new-word steps and the aligned Mimi codes [C, T]."""
+        entries, steps, codes = [], [], []
+        offset = 3  # speaker 1's steps are shifted by 3 frames, as the original runtime does
+        for tag, speech in (("[S1]", prefix.speaker_1), ("[S2]", prefix.speaker_2)):
+            if speech is None:
+                continue
+            speaker_entries, speaker_steps = prefix_entries(speech.words, self.tokenizer, tag)
+            entries += speaker_entries
+            steps += [s + offset for s in speaker_steps]
+            codes.append(self.encode_audio(speech.samples, speech.sample_rate))
+            offset = codes[0].shape[1]
+        return entries, steps, torch.cat(codes, dim=1)
+
+    def encode_audio(self, samples: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """Any-rate, any-channel audio -> Mimi codes [C, T] with all of the model's codebooks."""
+        from . import audio
+
+        wave = audio.to_mono_24k(samples, sample_rate).to(self.device, self.dtype)
+        with torch.inference_mode():
+            codes = self.codec.encode(wave.view(1, 1, -1), num_codebooks=self.config.num_codebooks)
+        return codes[0].to(self.device)
+
+    # ----------------------------------------------------------------- batched state (device side)
+
+    def new_state(self, batch: int, length: int, max_entries: int | None = None,
+                  max_tokens: int | None = None) -> GenerationState:
+        """Preallocated state for `batch` generations of up to `length` buffer frames."""
+        cfg, dev = self.config, self.device
+        dec, dep = cfg.model.decoder, cfg.model.depformer
+        C, B = cfg.num_codebooks, batch
+        long = dict(dtype=torch.long, device=dev)
+        return GenerationState(
+            cache=KVCache.allocate(dec.n_layer, 2 * B, dec.kv_heads, length, dec.gqa_head_dim, dev, self.dtype),
+            stage_cache=KVCache.allocate(dep.n_layer, 2 * B, dep.kv_heads, max(cfg.num_stages, 1),
+                                         dep.gqa_head_dim, dev, self.dtype),
+            text=TextState.allocate(B, max_entries or length, max_tokens or length, dev),
+            sampling=SamplingParams.allocate(B, dev),
+            audio=torch.full((B, C, length), UNGENERATED, **long),
+            text_tokens=torch.zeros(B, 2, **long),
+            frame=torch.zeros(B, **long),
+            slot_shift=torch.zeros(B, **long),
+            stop_frame=torch.zeros(B, **long),
+            eos_cutoff=torch.full((B,), NEVER, **long),
+            first_word_frame=torch.full((B,), NOT_SET, **long),
+            initial_padding=torch.zeros(B, **long),
+        )
+
+    def start(self, state: GenerationState, row: int, plan: GenerationPlan) -> list[tuple[int, int]]:
+        """Put a planned generation in `row`: reset its state and run its voice prefix through the backbone.
+
+        Returns the (entry, frame) words the prefix warm-up consumed.
+        """
+        if plan.buffer_length > state.length:
+            raise ValueError(f"plan needs {plan.buffer_length} buffer frames, the state holds {state.length}")
+        p, ids = plan.params, self.ids
+        state.text.load_row(row, plan.entries, p.initial_padding, self.ahead)
+        state.sampling.load_row(row, text_temperature=p.text_temperature, text_top_k=p.text_top_k,
+                                audio_temperature=p.audio_temperature, audio_top_k=p.audio_top_k,
+                                cfg_scale=p.cfg_scale, cfg_filter_k=p.cfg_filter_k, seed=p.seed)
+        state.audio[row] = UNGENERATED
+        state.text_tokens[row] = torch.tensor([ids.bos, ids.pad])
+        state.frame[row] = plan.start_frame
+        state.slot_shift[row] = 0 if plan.prefix_codes is None else 1
+        state.stop_frame[row] = min(plan.start_frame + plan.max_frames, plan.buffer_length - 1)
+        state.eos_cutoff[row] = NEVER
+        state.first_word_frame[row] = NOT_SET
+        state.initial_padding[row] = p.initial_padding
+        if plan.prefix_codes is None:
+            return []
+        return self._warm_up(state, row, plan)
+
+    def _warm_up(self, state: GenerationState, row: int, plan: GenerationPlan) -> list[tuple[int, int]]:
+        """Prefix frames 0..T-1 in one backbone pass: their text inputs come from the state machine forced with
+        the prefix's new-word steps, so they are known before the model runs."""
+        codes, ids, dev = plan.prefix_codes, self.ids, self.device
+        T = codes.shape[1]
+        delayed = torch.full((codes.shape[0], T + self.max_delay), self.config.data.audio_pad_token_id,
+                             dtype=torch.long, device=dev)
+        for c, delay in enumerate(self.config.data.delay_pattern):
+            delayed[c, delay: delay + T] = codes[c]
+        state.audio[row, :, : delayed.shape[1]] = delayed
+        text_row = state.text.row(row)
+        text_inputs = [(ids.bos, ids.pad)]
+        forced = torch.ones(1, dtype=torch.bool, device=dev)
+        for t in range(T):
+            token = ids.new_word if t in plan.prefix_new_word_steps else ids.pad
+            main, second = text_step(text_row, torch.tensor([t], device=dev), torch.tensor([token], device=dev),
+                                     forced, ids, self.ahead)
+            text_inputs.append((int(main), int(second)))
+        state.text_tokens[row] = torch.tensor(text_inputs[-1])
+        frames = torch.arange(T, device=dev)
+        audio_in = torch.where(self.delays.unsqueeze(0) > frames.unsqueeze(1), self.config.data.audio_bos_token_id,
+                               delayed[:, :T].T)
+        cond = torch.cat([torch.tensor(text_inputs[:T], device=dev), audio_in], dim=1)
+        uncond = torch.cat([torch.tensor([[ids.zero, ids.pad]], device=dev).expand(T, 2), audio_in], dim=1)
+        rows = torch.tensor([row, state.batch + row], device=dev)
+        positions = frames.expand(2, T)
+        with torch.inference_mode():
+            self.model.transformer(torch.stack([cond, uncond]), self.rope(state.length)[:, positions].unsqueeze(-2),
+                                   state.cache, positions, T, rows=rows)
+        steps = state.text.word_step[row].tolist()
+        return [(e, steps[e]) for e in range(int(state.text.next_entry[row])) if steps[e] >= 0]
+
+    def rope(self, length: int) -> torch.Tensor:
+        """Backbone cos/sin tables [2, length, D], cached per buffer length."""
+        if length not in self._ropes:
+            m, dec = self.config.model, self.config.model.decoder
+            self._ropes[length] = rope_tables(dec.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale,
+                                              length, self.device)
+        return self._ropes[length]
+
+    @torch.inference_mode()
+    def step(self, state: GenerationState, kv_len: int) -> StepOutput:
+        """Advance every row by one frame. Pure tensor work: no host syncs, so it can be graph-captured.
+
+        `kv_len` bounds the cache slots attention reads (at least every active row's slot + 1).
+        """
+        cfg, ids, sp = self.config, self.ids, state.sampling
+        B, C, L = state.batch, cfg.num_codebooks, state.length
+        data = cfg.data
+        t = state.frame
+        active = ~self._finished(state)
+        # Audio inputs of frame t: the buffer's column t, BOS for codebooks whose delay has not passed.
+        column = state.audio.gather(2, t.clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1))[..., 0]
+        audio_in = torch.where(self.delays.unsqueeze(0) > t.unsqueeze(1), data.audio_bos_token_id, column)
+        uncond_text = torch.tensor([ids.zero, ids.pad], device=self.device).expand(B, 2)
+        tokens = torch.cat([torch.cat([state.text_tokens, audio_in], 1), torch.cat([uncond_text, audio_in], 1)])
+        positions = t.clamp(max=L - 1).repeat(2).unsqueeze(1)
+        slots = (t + state.slot_shift).clamp(max=state.cache.length - 1).repeat(2).unsqueeze(1)
+        hidden, action_logits, cb0_logits = self.model.transformer(
+            tokens.unsqueeze(1), self.rope(L)[:, positions].unsqueeze(-2), state.cache, slots, kv_len)
+        hidden = hidden[:, 0]
+
+        text_token = sample(guide(action_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k), sp.text_temperature,
+                            sp.text_top_k, uniform(sp.seed, t, 0))
+        entries_before = state.text.next_entry.clone()
+        main, second = text_step(state.text, t, text_token, torch.zeros_like(active), ids, self.ahead)
+        popped = state.text.next_entry > entries_before
+        popped_entry = (state.text.next_entry - 1).clamp(min=0).unsqueeze(1)
+        is_word = popped & (state.text.entry_len.gather(1, popped_entry)[:, 0] > 0)
+        word_entry = torch.where(is_word, popped_entry[:, 0], -1)
+        first_seen = (state.first_word_frame == NOT_SET) & (main == ids.new_word)
+        state.first_word_frame.copy_(torch.where(first_seen, t - state.initial_padding, state.first_word_frame))
+        state.text_tokens.copy_(torch.stack([main, second], dim=1))
+
+        write_at = (t + 1).clamp(max=L - 1).unsqueeze(1)
+        guided = guide(cb0_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k)
+        lowest = torch.finfo(guided.dtype).min
+        guided[:, data.audio_pad_token_id] = lowest
+        guided[:, data.audio_bos_token_id] = lowest
+        token = sample(guided, sp.audio_temperature, sp.audio_top_k, uniform(sp.seed, t, 1))
+        state.audio[:, 0].scatter_(1, write_at, token.unsqueeze(1))
+        main2, second2 = main.repeat(2), second.repeat(2)
+        for s in range(cfg.num_stages):
+            logits = self.model.depformer(s, hidden, token.repeat(2), main2, second2, self.stage_ropes[s],
+                                          state.stage_cache)
+            token = sample(guide(logits, sp.cfg_scale, sp.cfg_filter_k), sp.audio_temperature, sp.audio_top_k,
+                           uniform(sp.seed, t, 2 + s))
+            state.audio[:, s + 1].scatter_(1, write_at, token.unsqueeze(1))
+
+        end_step = state.text.end_step
+        state.eos_cutoff.copy_(torch.where((state.eos_cutoff == NEVER) & (end_step >= 0),
+                                           end_step + self.flush_frames, state.eos_cutoff))
+        frame_index = t + 1 - self.max_delay
+        state.frame.add_(1)
+        return StepOutput(active=active, frame_index=frame_index, frame_tokens=self.aligned_frame(state, frame_index),
+                          word_entry=word_entry, first_word_frame=state.first_word_frame.clone(),
+                          done=self._finished(state))
+
+    def aligned_frame(self, state: GenerationState, index: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, C] of aligned frame `index` per row: codebook c is read `delay_c` columns later."""
+        columns = (index.unsqueeze(1) + self.delays.unsqueeze(0)).clamp(0, state.length - 1)
+        tokens = state.audio.gather(2, columns.unsqueeze(2))[..., 0]
+        return torch.where(tokens == UNGENERATED, self.config.data.audio_pad_token_id, tokens)
+
+    @staticmethod
+    def _finished(state: GenerationState) -> torch.Tensor:
+        t = state.frame
+        return (t >= state.eos_cutoff) | (t + 1 >= state.length) | (t >= state.stop_frame)
+
+    # ----------------------------------------------------------------- single generation, eager
+
+    def stream(self, request: GenerationRequest | GenerationPlan) -> "GenerationStream":
+        plan = request if isinstance(request, GenerationPlan) else self.prepare(request)
+        return GenerationStream(self, plan)
+
+    def generate(self, request: GenerationRequest | GenerationPlan) -> GenerationResult:
+        """Run to the end; the tokens are exactly the concatenation of what `stream` yields."""
+        stream = self.stream(request)
+        frames = [event.tokens for event in stream if isinstance(event, AudioFrame)]
+        C = self.config.num_codebooks
+        tokens = torch.stack(frames, dim=1) if frames else torch.zeros(C, 0, dtype=torch.long)
+        return GenerationResult(tokens=tokens, waveform=self.decode(tokens), sample_rate=self.codec.sample_rate,
+                                timestamps=stream.timestamps, seed=stream.plan.params.seed)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Aligned tokens [C, T] -> waveform [T * frame_size] clamped to [-1, 1] (offline Mimi decode)."""
+        if tokens.shape[1] == 0:
+            return torch.zeros(0)
+        with torch.inference_mode():
+            wave = self.codec.decode(tokens.to(self.device).unsqueeze(0))
+        return wave[0, 0].float().clamp(-1.0, 1.0).cpu()
+
+
+class GenerationStream:
+    """One eager generation in a batch of one, as an iterator of events; `timestamps` is complete once
+    it is exhausted."""
+
+    def __init__(self, engine: Dia2Engine, plan: GenerationPlan) -> None:
+        self.engine, self.plan = engine, plan
+        self.window = OutputWindow(plan)
+        self.frames_run = 0
+
+    @property
+    def timestamps(self) -> list[tuple[str, float]]:
+        return self.window.timestamps
+
+    def __iter__(self) -> Iterator[Event]:
+        engine, plan, window = self.engine, self.plan, self.window
+        state = engine.new_state(1, plan.buffer_length, len(plan.entries),
+                                 max(1, sum(len(e.tokens) for e in plan.entries)))
+        for entry, frame in engine.start(state, 0, plan):
+            yield from window.add_word(entry, frame)
+        # With a prefix, its frames before the start frame are finished before anything runs.
+        for index in range(plan.start_frame + 1 - engine.max_delay):
+            yield from window.add_frame(index, engine.aligned_frame(state, torch.tensor([index]))[0].cpu())
+        shift = int(plan.prefix_codes is not None)
+        t = plan.start_frame
+        done = bool(engine._finished(state)[0])
+        while not done:
+            out = engine.step(state, kv_len=t + shift + 1)
+            index, word, first_word, done = torch.stack(
+                [out.frame_index[0], out.word_entry[0], out.first_word_frame[0], out.done[0]]).tolist()
+            if word >= 0:
+                yield from window.add_word(word, t)
+            t += 1
+            self.frames_run += 1
+            if first_word != NOT_SET:
+                yield from window.set_first_word_frame(first_word)
+            if index >= 0:
+                yield from window.add_frame(index, out.frame_tokens[0].cpu())
+        yield from window.finish()
+
+
+@dataclass
+class OutputWindow:
+    """Decides which frames and words of a generation are output, and emits them as soon as that is final.
+
+    The output drops the first `crop` frames (the first-word frame, or the start frame; nothing when the
+    prefix audio is kept, and nothing if the crop would remove everything). Until the crop is final,
+    frames that might be dropped and words whose times depend on it are held back.
+    """
+
+    plan: GenerationPlan
+    crop: int | None = field(init=False)
+    held_frames: list[AudioFrame] = field(default_factory=list)
+    held_words: list[tuple[str, int]] = field(default_factory=list)
+    timestamps: list[tuple[str, float]] = field(default_factory=list)
+    frames_seen: int = 0
+    words_seen: int = 0
+    final: bool = False
+
+    def __post_init__(self) -> None:
+        plan = self.plan
+        self.crop = 0 if plan.include_prefix else None if plan.main_carries_new_word else plan.start_frame
+
+    def add_frame(self, index: int, tokens: torch.Tensor) -> Iterator[Event]:
+        self.frames_seen = index + 1
+        self.held_frames.append(AudioFrame(index, tokens))
+        yield from self._release()
+
+    def add_word(self, entry: int, frame: int) -> Iterator[Event]:
+        self.words_seen += 1
+        if self.plan.include_prefix or self.words_seen > self.plan.prefix_entry_count:
+            self.held_words.append((self.plan.entries[entry].text, frame))
+        yield from self._release()
+
+    def set_first_word_frame(self, frame: int) -> Iterator[Event]:
+        if self.crop is None:
+            self.crop = max(frame, 0)
+        yield from self._release()
+
+    def finish(self) -> Iterator[Event]:
+        if self.crop is None:
+            self.crop = self.plan.start_frame
+        if self.crop >= self.frames_seen:
+            self.crop = 0
+        self.final = True
+        yield from self._release()
+
+    def _release(self) -> Iterator[Event]:
+        if not self.final:
+            if self.crop is None or self.frames_seen <= self.crop:
+                return
+            self.final = True
+        crop = self.crop
+        for frame in self.held_frames:
+            if frame.index >= crop:
+                yield AudioFrame(frame.index - crop, frame.tokens)
+        self.held_frames.clear()
+        for text, frame in self.held_words:
+            if frame >= crop:
+                word = Word(text, (frame - crop) / FRAME_RATE)
+                self.timestamps.append((word.text, word.time_s))
+                yield word
+        self.held_words.clear()

@@ -1,0 +1,128 @@
+"""The engine against the original runtime's golden outputs, plus streaming, seeding and parameter checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+import torch
+
+from dia2_worker.engine import (AudioFrame, GenerationParamError, GenerationParams, GenerationRequest, PrefixSpeech,
+                                VoicePrefix, Word)
+
+GREEDY = dict(text_temperature=0.0, audio_temperature=0.0)
+
+
+def golden_request(case: dict, tiny_dir) -> GenerationRequest:
+    params = GenerationParams(cfg_scale=case["cfg_scale"], cfg_filter_k=case["cfg_filter_k"],
+                              initial_padding=case["initial_padding"], **GREEDY)
+    prefix = None
+    if "prefix_speaker_1" in case:
+        samples, rate = sf.read(tiny_dir / case["prefix_speaker_1"], dtype="float32")
+        words = json.loads((tiny_dir / case["prefix_speaker_1_words"]).read_text())["words"]
+        prefix = VoicePrefix(PrefixSpeech(samples, rate, tuple(tuple(w) for w in words)),
+                             include_audio=case["include_prefix"])
+    return GenerationRequest(case["script"], params, prefix)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def test_golden_generations(engine, golden, golden_cases, tiny_dir):
+    assert len(golden_cases) == 8
+    for case in golden_cases:
+        result = engine.generate(golden_request(case, tiny_dir))
+        name = case["name"]
+        assert torch.equal(result.tokens, golden[f"{name}.audio_tokens"][0]), name
+        assert result.frames == case["frames"] and result.waveform.numel() == case["samples"], name
+        assert result.timestamps == [tuple(t) for t in case["timestamps"]], name
+        assert (result.waveform - golden[f"{name}.waveform"]).abs().max() < 1e-4, name
+
+
+def test_teacher_forced_backbone_and_depformer(engine, golden):
+    model, steps = engine.model, 6
+    state = engine.new_state(1, 16)
+    rope = engine.rope(16)
+    for t in range(steps):
+        tokens = golden[f"tf.step{t}.tokens"][:, :, 0].unsqueeze(1)
+        positions = torch.full((2, 1), t)
+        with torch.inference_mode():
+            hidden, action, cb0 = model.transformer(tokens, rope[:, positions].unsqueeze(-2), state.cache,
+                                                    positions, t + 1)
+        for name, out in (("hidden", hidden), ("action_logits", action), ("cb0_logits", cb0)):
+            assert relative_error(out, golden[f"tf.step{t}.{name}"]) < 1e-4, (t, name)
+        for s in range(engine.config.num_stages):
+            key = f"tf.step{t}.stage{s}"
+            with torch.inference_mode():
+                logits = model.depformer(s, hidden[:, 0], golden[f"{key}.prev_audio"],
+                                         golden[f"tf.step{t}.main_text"], golden[f"tf.step{t}.second_text"],
+                                         engine.stage_ropes[s], state.stage_cache)
+            assert relative_error(logits, golden[f"{key}.logits"].view(2, -1)) < 1e-4, (t, s)
+
+
+@pytest.mark.parametrize("include_prefix", [False, True])
+def test_stream_is_the_offline_result(engine, golden_cases, tiny_dir, include_prefix):
+    case = next(c for c in golden_cases if c.get("include_prefix") == include_prefix)
+    request = golden_request(case, tiny_dir)
+    sampled = GenerationRequest(request.script, GenerationParams(seed=7), request.prefix)
+    for req in (request, sampled):
+        events = list(engine.stream(req))
+        frames = [e for e in events if isinstance(e, AudioFrame)]
+        assert [f.index for f in frames] == list(range(len(frames)))
+        streamed = torch.stack([f.tokens for f in frames], dim=1)
+        result = engine.generate(req)
+        assert torch.equal(streamed, result.tokens)
+        assert [(w.text, w.time_s) for w in events if isinstance(w, Word)] == result.timestamps
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(engine):
+    request = GenerationRequest("[S1] hello world [S2] how are you", GenerationParams(seed=1234))
+    first, second = engine.generate(request), engine.generate(request)
+    assert torch.equal(first.tokens, second.tokens) and first.seed == second.seed == 1234
+    other = engine.generate(GenerationRequest(request.script, GenerationParams(seed=99)))
+    assert not (other.tokens.shape == first.tokens.shape and torch.equal(other.tokens, first.tokens))
+    unseeded = engine.generate(GenerationRequest(request.script))
+    assert 0 <= unseeded.seed < 2**63
+
+
+def test_max_frames_bounds_the_generation(engine):
+    result = engine.generate(GenerationRequest("[S1] hi", GenerationParams(max_frames=30, seed=3)))
+    assert result.frames <= 30
+
+
+@pytest.mark.parametrize("param,value", [
+    ("text_temperature", -0.1), ("audio_temperature", -1.0), ("audio_temperature", float("nan")),
+    ("text_top_k", 0), ("audio_top_k", -3), ("cfg_scale", 0.0), ("cfg_scale", -2.0), ("cfg_filter_k", 0),
+    ("initial_padding", -1), ("seed", -5), ("max_frames", 0),
+])
+def test_bad_parameters_name_the_parameter(engine, param, value):
+    with pytest.raises(GenerationParamError) as info:
+        engine.prepare(GenerationRequest("[S1] hello", GenerationParams(**{param: value})))
+    assert info.value.param == param and str(info.value).startswith(param)
+
+
+@pytest.mark.parametrize("script", ["", "   \n\t ", "[S1] [S2]"])
+def test_empty_text_is_rejected(engine, script):
+    with pytest.raises(GenerationParamError) as info:
+        engine.prepare(GenerationRequest(script))
+    assert info.value.param == "text"
+
+
+def test_text_longer_than_the_context_is_rejected(engine):
+    words = " ".join(["hello world"] * 40)  # tiny config: max_context_steps = 160
+    with pytest.raises(GenerationParamError, match="max_context_steps") as info:
+        engine.prepare(GenerationRequest(f"[S1] {words}"))
+    assert info.value.param == "text"
+    with pytest.raises(GenerationParamError, match="max_frames"):
+        engine.prepare(GenerationRequest("[S1] hello world this is a test", GenerationParams(max_frames=20)))
+
+
+def test_engine_import_does_not_import_transformers():
+    code = ("import sys, dia2_worker.engine, dia2_worker.generate; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'whisper')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
