@@ -119,6 +119,7 @@ class AudioFrame:
 
     index: int
     tokens: torch.Tensor  # [C] int64, CPU
+    pcm: np.ndarray | None = None  # [frame_size] float32 from the streaming decoder, when decoding
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,7 @@ class Dia2Engine:
     @torch.inference_mode()
     def step(self, state: GenerationState, kv_len: int) -> StepOutput:
         """Advance every row by one frame. Pure tensor work: no host syncs, so it can be graph-captured.
+        Rows that are finished run too (their results are ignored), which keeps shapes static.
 
         `kv_len` bounds the cache slots attention reads (at least every active row's slot + 1).
         """
@@ -382,7 +384,7 @@ class Dia2Engine:
         B, C, L = state.batch, cfg.num_codebooks, state.length
         data = cfg.data
         t = state.frame
-        active = ~self._finished(state)
+        active = ~self.finished(state)
         # Audio inputs of frame t: the buffer's column t, BOS for codebooks whose delay has not passed.
         column = state.audio.gather(2, t.clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1))[..., 0]
         audio_in = torch.where(self.delays.unsqueeze(0) > t.unsqueeze(1), data.audio_bos_token_id, column)
@@ -426,26 +428,31 @@ class Dia2Engine:
                                            end_step + self.flush_frames, state.eos_cutoff))
         frame_index = t + 1 - self.max_delay
         state.frame.add_(1)
-        return StepOutput(active=active, frame_index=frame_index, frame_tokens=self.aligned_frame(state, frame_index),
-                          word_entry=word_entry, first_word_frame=state.first_word_frame.clone(),
-                          done=self._finished(state))
+        frame_tokens = self.aligned_frames(state, torch.arange(B, device=self.device), frame_index)
+        return StepOutput(active=active, frame_index=frame_index, frame_tokens=frame_tokens, word_entry=word_entry,
+                          first_word_frame=state.first_word_frame.clone(), done=self.finished(state))
 
-    def aligned_frame(self, state: GenerationState, index: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, C] of aligned frame `index` per row: codebook c is read `delay_c` columns later."""
+    def aligned_frames(self, state: GenerationState, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Tokens [N, C] of aligned frame index[n] of row rows[n]: codebook c is read `delay_c` columns later."""
         columns = (index.unsqueeze(1) + self.delays.unsqueeze(0)).clamp(0, state.length - 1)
-        tokens = state.audio.gather(2, columns.unsqueeze(2))[..., 0]
+        tokens = state.audio[rows].gather(2, columns.unsqueeze(2))[..., 0]
         return torch.where(tokens == UNGENERATED, self.config.data.audio_pad_token_id, tokens)
 
     @staticmethod
-    def _finished(state: GenerationState) -> torch.Tensor:
+    def finished(state: GenerationState) -> torch.Tensor:
+        """[B] rows with no frame left to run."""
         t = state.frame
         return (t >= state.eos_cutoff) | (t + 1 >= state.length) | (t >= state.stop_frame)
 
     # ----------------------------------------------------------------- single generation, eager
 
-    def stream(self, request: GenerationRequest | GenerationPlan) -> "GenerationStream":
+    def stream(self, request: GenerationRequest | GenerationPlan, decode_audio: bool = False):
+        """One generation, eagerly, as an iterator of AudioFrame and Word events (frames carry PCM from the
+        streaming decoder when `decode_audio`); its `timestamps` are complete once it is exhausted."""
+        from .scheduler import GenerationStream
+
         plan = request if isinstance(request, GenerationPlan) else self.prepare(request)
-        return GenerationStream(self, plan)
+        return GenerationStream(self, plan, decode_audio)
 
     def generate(self, request: GenerationRequest | GenerationPlan) -> GenerationResult:
         """Run to the end; the tokens are exactly the concatenation of what `stream` yields."""
@@ -463,46 +470,6 @@ class Dia2Engine:
         with torch.inference_mode():
             wave = self.codec.decode(tokens.to(self.device).unsqueeze(0))
         return wave[0, 0].float().clamp(-1.0, 1.0).cpu()
-
-
-class GenerationStream:
-    """One eager generation in a batch of one, as an iterator of events; `timestamps` is complete once
-    it is exhausted."""
-
-    def __init__(self, engine: Dia2Engine, plan: GenerationPlan) -> None:
-        self.engine, self.plan = engine, plan
-        self.window = OutputWindow(plan)
-        self.frames_run = 0
-
-    @property
-    def timestamps(self) -> list[tuple[str, float]]:
-        return self.window.timestamps
-
-    def __iter__(self) -> Iterator[Event]:
-        engine, plan, window = self.engine, self.plan, self.window
-        state = engine.new_state(1, plan.buffer_length, len(plan.entries),
-                                 max(1, sum(len(e.tokens) for e in plan.entries)))
-        for entry, frame in engine.start(state, 0, plan):
-            yield from window.add_word(entry, frame)
-        # With a prefix, its frames before the start frame are finished before anything runs.
-        for index in range(plan.start_frame + 1 - engine.max_delay):
-            yield from window.add_frame(index, engine.aligned_frame(state, torch.tensor([index]))[0].cpu())
-        shift = int(plan.prefix_codes is not None)
-        t = plan.start_frame
-        done = bool(engine._finished(state)[0])
-        while not done:
-            out = engine.step(state, kv_len=t + shift + 1)
-            index, word, first_word, done = torch.stack(
-                [out.frame_index[0], out.word_entry[0], out.first_word_frame[0], out.done[0]]).tolist()
-            if word >= 0:
-                yield from window.add_word(word, t)
-            t += 1
-            self.frames_run += 1
-            if first_word != NOT_SET:
-                yield from window.set_first_word_frame(first_word)
-            if index >= 0:
-                yield from window.add_frame(index, out.frame_tokens[0].cpu())
-        yield from window.finish()
 
 
 @dataclass
