@@ -194,6 +194,7 @@ class Dia2Engine:
         self.ids = tokenizer.token_ids(data.text_new_word_token_id, data.text_pad_token_id, data.text_zero_token_id)
         self.ahead = data.second_stream_ahead
         self.delays = torch.tensor(data.delay_pattern, device=device)
+        self.uncond_text = torch.tensor([[self.ids.zero, self.ids.pad]], device=device)  # the unconditional branch's text
         self.max_delay = data.max_delay
         self.flush_frames = self.max_delay + MAX_PADDING
         dep = config.model.depformer
@@ -356,7 +357,7 @@ class Dia2Engine:
         audio_in = torch.where(self.delays.unsqueeze(0) > frames.unsqueeze(1), self.config.data.audio_bos_token_id,
                                delayed[:, :T].T)
         cond = torch.cat([torch.tensor(text_inputs[:T], device=dev), audio_in], dim=1)
-        uncond = torch.cat([torch.tensor([[ids.zero, ids.pad]], device=dev).expand(T, 2), audio_in], dim=1)
+        uncond = torch.cat([self.uncond_text.expand(T, 2), audio_in], dim=1)
         rows = torch.tensor([row, state.batch + row], device=dev)
         positions = frames.expand(2, T)
         with torch.inference_mode():
@@ -388,8 +389,8 @@ class Dia2Engine:
         # Audio inputs of frame t: the buffer's column t, BOS for codebooks whose delay has not passed.
         column = state.audio.gather(2, t.clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1))[..., 0]
         audio_in = torch.where(self.delays.unsqueeze(0) > t.unsqueeze(1), data.audio_bos_token_id, column)
-        uncond_text = torch.tensor([ids.zero, ids.pad], device=self.device).expand(B, 2)
-        tokens = torch.cat([torch.cat([state.text_tokens, audio_in], 1), torch.cat([uncond_text, audio_in], 1)])
+        tokens = torch.cat([torch.cat([state.text_tokens, audio_in], 1),
+                            torch.cat([self.uncond_text.expand(B, 2), audio_in], 1)])
         positions = t.clamp(max=L - 1).repeat(2).unsqueeze(1)
         slots = (t + state.slot_shift).clamp(max=state.cache.length - 1).repeat(2).unsqueeze(1)
         hidden, action_logits, cb0_logits = self.model.transformer(
