@@ -162,6 +162,7 @@ class StepOutput:
     """What one step produced for every row (device tensors; rows not `active` produced nothing)."""
 
     active: torch.Tensor          # [B] the row ran a real frame
+    frame: torch.Tensor           # [B] the frame this step ran
     frame_index: torch.Tensor     # [B] index of the aligned frame finished by this step (< 0: none)
     frame_tokens: torch.Tensor    # [B, C]
     word_entry: torch.Tensor      # [B] entry consumed as a word this step (-1: none)
@@ -221,8 +222,9 @@ class Dia2Engine:
 
     # ----------------------------------------------------------------- planning (host side)
 
-    def prepare(self, request: GenerationRequest) -> GenerationPlan:
-        """Validate and tokenise a request; encode its voice prefix. Raises GenerationParamError."""
+    def check(self, request: GenerationRequest) -> tuple[GenerationParams, list[Entry], int]:
+        """Validate a request without touching the device (safe from any thread): its parameters (seed
+        resolved), its script's entries, and the frame budget. Raises GenerationParamError."""
         params = request.params
         params.validate()
         if params.seed is None:
@@ -233,16 +235,21 @@ class Dia2Engine:
         entries = parse_script(script, self.tokenizer, self.ids)
         if not entries:
             raise GenerationParamError("text", "contains no words")
-        prefix_entries_, steps, codes = self._prefix(request.prefix) if request.prefix else ([], [], None)
-        frames_prefix = 0 if codes is None else codes.shape[1]
         max_context = self.config.runtime.max_context_steps
         max_frames = min(params.max_frames or max_context, max_context)
-        needed = self._frames_needed(entries, 0 if codes is not None else params.initial_padding)
+        needed = self._frames_needed(entries, 0 if request.prefix else params.initial_padding)
         if needed > max_frames:
             limit = "max_frames" if max_frames < max_context else "max_context_steps"
             raise GenerationParamError(
                 "text", f"needs at least {needed} frames ({needed / FRAME_RATE:.1f} s) to be spoken, "
                         f"more than the limit of {max_frames} frames ({limit})")
+        return params, entries, max_frames
+
+    def prepare(self, request: GenerationRequest) -> GenerationPlan:
+        """`check`, then encode the voice prefix (device work) into a plan."""
+        params, entries, max_frames = self.check(request)
+        prefix_entries_, steps, codes = self._prefix(request.prefix) if request.prefix else ([], [], None)
+        frames_prefix = 0 if codes is None else codes.shape[1]
         all_entries = tuple(prefix_entries_ + entries)
         return GenerationPlan(
             entries=all_entries,
@@ -253,9 +260,14 @@ class Dia2Engine:
             include_prefix=bool(request.prefix and request.prefix.include_audio),
             start_frame=max(frames_prefix - 1, 0),
             max_frames=max_frames,
-            buffer_length=max_context + 1 + (frames_prefix + self.max_delay if codes is not None else 0),
+            buffer_length=self.buffer_length(frames_prefix),
             main_carries_new_word=self.ahead == 0 or any(self.ids.new_word in e.tokens for e in all_entries),
         )
+
+    def buffer_length(self, prefix_frames: int = 0) -> int:
+        """Frames of delayed-audio buffer (and cache slots) a generation with this much prefix needs."""
+        extra = prefix_frames + self.max_delay if prefix_frames else 0
+        return self.config.runtime.max_context_steps + 1 + extra
 
     def _frames_needed(self, entries: Sequence[Entry], initial_padding: int) -> int:
         """Fewest frames that speak every entry: a word takes its tokens + 1, a pause its padding + 1, then
@@ -384,7 +396,7 @@ class Dia2Engine:
         cfg, ids, sp = self.config, self.ids, state.sampling
         B, C, L = state.batch, cfg.num_codebooks, state.length
         data = cfg.data
-        t = state.frame
+        t = state.frame.clone()
         active = ~self.finished(state)
         # Audio inputs of frame t: the buffer's column t, BOS for codebooks whose delay has not passed.
         column = state.audio.gather(2, t.clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1))[..., 0]
@@ -430,7 +442,7 @@ class Dia2Engine:
         frame_index = t + 1 - self.max_delay
         state.frame.add_(1)
         frame_tokens = self.aligned_frames(state, torch.arange(B, device=self.device), frame_index)
-        return StepOutput(active=active, frame_index=frame_index, frame_tokens=frame_tokens, word_entry=word_entry,
+        return StepOutput(active=active, frame=t, frame_index=frame_index, frame_tokens=frame_tokens, word_entry=word_entry,
                           first_word_frame=state.first_word_frame.clone(), done=self.finished(state))
 
     def aligned_frames(self, state: GenerationState, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -54,98 +54,153 @@ class RowDecoders:
         return [replace(f, pcm=pcm[i * size: (i + 1) * size]) for i, f in enumerate(frames)]
 
 
+@dataclass(eq=False)
+class Slot:
+    """One generation occupying a row of the batch, from join until it finishes or leaves."""
+
+    row: int
+    window: OutputWindow
+    frames_run: int = 0
+    finished: bool = False
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose outputs are on their way to the host."""
+
+    packed: torch.Tensor            # [B, C + 5] host copy (pinned on CUDA)
+    ready: torch.cuda.Event | None  # None on CPU: the copy is already complete
+    owners: list[Slot | None]       # who held each row when the step was launched
+
+
 class BatchRunner:
-    """Steps `slots` generation rows of one preallocated state. Not thread-safe: one owner drives it."""
+    """Steps `slots` generation rows of one preallocated state. Not thread-safe: one owner drives it.
+
+    Steps are launched ahead of reading their results: at most `lag` steps are in flight, their outputs
+    copied to the host asynchronously, so the device never waits on the host. A finished row keeps
+    stepping (its outputs are ignored) until the host has seen it finish; rows are tagged with the slot
+    that held them at launch, so a slot freed and reused in between cannot receive stale frames.
+    """
 
     def __init__(self, engine: Dia2Engine, slots: int, length: int, *, decode_audio: bool,
-                 max_entries: int | None = None, max_tokens: int | None = None) -> None:
+                 max_entries: int | None = None, max_tokens: int | None = None, lag: int = 0,
+                 graphs: bool = False) -> None:
         self.engine = engine
         self.state = engine.new_state(slots, length, max_entries, max_tokens)
-        self.windows: list[OutputWindow | None] = [None] * slots
-        self.frames: list[int] = [0] * slots   # each row's next frame, mirrored on the host
-        self.frames_run: list[int] = [0] * slots
+        self.slots: list[Slot | None] = [None] * slots
+        self.lag = lag
         self.decoders = RowDecoders(engine, slots) if decode_audio else None
+        self._in_flight: deque[_InFlight] = deque()
+        self._graph = None
+        if graphs:
+            from .graphs import StepGraph
 
-    @property
-    def slots(self) -> int:
-        return len(self.windows)
+            self._graph = StepGraph(engine, self.state, self.state.cache.length)
 
     def free_rows(self) -> list[int]:
-        return [row for row, window in enumerate(self.windows) if window is None]
+        return [row for row, slot in enumerate(self.slots) if slot is None]
 
     @property
-    def occupied(self) -> list[int]:
-        return [row for row, window in enumerate(self.windows) if window is not None]
+    def active(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot is not None]
 
-    def join(self, plan: GenerationPlan, row: int | None = None) -> tuple[int, Emitted]:
-        """Start `plan` in a free row (its voice prefix is prefilled now); returns the row and first output."""
-        if row is None:
-            free = self.free_rows()
-            if not free:
-                raise RuntimeError("no free slot")
-            row = free[0]
-        engine, window = self.engine, OutputWindow(plan)
-        self.windows[row] = window
-        self.frames[row], self.frames_run[row] = plan.start_frame, 0
+    def join(self, plan: GenerationPlan) -> tuple[Slot, Emitted]:
+        """Start `plan` in a free row (its voice prefix is prefilled now); returns its slot and first output."""
+        free = self.free_rows()
+        if not free:
+            raise RuntimeError("no free slot")
+        engine, slot = self.engine, Slot(free[0], OutputWindow(plan))
+        self.slots[slot.row] = slot
         if self.decoders is not None:
-            self.decoders.reset(row)
+            self.decoders.reset(slot.row)
         events = []
-        for entry, frame in engine.start(self.state, row, plan):
-            events += window.add_word(entry, frame)
+        for entry, frame in engine.start(self.state, slot.row, plan):
+            events += slot.window.add_word(entry, frame)
         # With a prefix, its frames before the start frame are finished before anything runs.
         count = plan.start_frame + 1 - engine.max_delay
         if count > 0:
-            indices = torch.arange(count, device=engine.device)
-            rows = torch.full((count,), row, device=engine.device)
-            tokens = engine.aligned_frames(self.state, rows, indices).cpu()
+            rows = torch.full((count,), slot.row, device=engine.device)
+            tokens = engine.aligned_frames(self.state, rows, torch.arange(count, device=engine.device)).cpu()
             for index in range(count):
-                events += window.add_frame(index, tokens[index])
-        emitted = self._emitted(row, events)
-        if bool(engine.finished(self.state)[row]):
-            emitted = self._finish(row, emitted)
-        return row, emitted
+                events += slot.window.add_frame(index, tokens[index])
+        emitted = self._emitted(slot, events)
+        if bool(engine.finished(self.state)[slot.row]):
+            emitted = self._finish(slot, emitted)
+        return slot, emitted
 
-    def leave(self, row: int) -> None:
-        self.windows[row] = None
+    def leave(self, slot: Slot) -> None:
+        """Free the slot's row now; its steps still in flight are dropped when they arrive."""
+        if self.slots[slot.row] is slot:
+            self.slots[slot.row] = None
 
-    def step(self) -> dict[int, Emitted]:
-        """One frame for every row; returns the output of every occupied row."""
-        rows = self.occupied
-        if not rows:
-            return {}
+    def step(self) -> dict[Slot, Emitted]:
+        """Launch one frame for every row, then collect every step whose outputs have arrived (all but the
+        last `lag`). Returns what each slot produced in the collected steps."""
+        if self.active:
+            self._launch()
+        results: dict[Slot, Emitted] = {}
+        while self._in_flight and (len(self._in_flight) > self.lag or not self.active
+                                   or _arrived(self._in_flight[0])):
+            for slot, emitted in self._collect(self._in_flight.popleft()).items():
+                results[slot] = _merge(results[slot], emitted) if slot in results else emitted
+        return results
+
+    def _launch(self) -> None:
         engine = self.engine
-        out = engine.step(self.state, kv_len=self.state.cache.length)
+        out = self._graph.replay() if self._graph else engine.step(self.state, kv_len=self.state.cache.length)
         packed = torch.cat([out.frame_tokens, torch.stack(
-            [out.frame_index, out.word_entry, out.first_word_frame, out.done.long()], dim=1)], dim=1)
-        table = packed[rows].tolist()
+            [out.frame_index, out.word_entry, out.first_word_frame, out.done.long(), out.frame], dim=1)], dim=1)
+        ready = None
+        if packed.is_cuda:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            packed = host
+        self._in_flight.append(_InFlight(packed, ready, list(self.slots)))
+
+    def _collect(self, launched: _InFlight) -> dict[Slot, Emitted]:
+        if launched.ready is not None:
+            launched.ready.synchronize()
         C = self.engine.config.num_codebooks
-        result = {}
-        for row, values in zip(rows, table):
-            window = self.windows[row]
-            index, word, first_word, done = values[C:]
-            events = []
+        table = launched.packed.tolist()
+        results = {}
+        for row, slot in enumerate(launched.owners):
+            if slot is None or slot.finished or self.slots[row] is not slot:
+                continue
+            values = table[row]
+            index, word, first_word, done, frame = values[C:]
+            window, events = slot.window, []
+            slot.frames_run += 1
             if word >= 0:
-                events += window.add_word(word, self.frames[row])
-            self.frames[row] += 1
-            self.frames_run[row] += 1
+                events += window.add_word(word, frame)
             if first_word != NOT_SET:
                 events += window.set_first_word_frame(first_word)
             if index >= 0:
                 events += window.add_frame(index, torch.tensor(values[:C]))
-            emitted = self._emitted(row, events)
-            result[row] = self._finish(row, emitted) if done else emitted
-        return result
+            emitted = self._emitted(slot, events)
+            results[slot] = self._finish(slot, emitted) if done else emitted
+        return results
 
-    def _finish(self, row: int, emitted: Emitted) -> Emitted:
-        tail = self._emitted(row, list(self.windows[row].finish()))
-        self.leave(row)
-        return Emitted(emitted.frames + tail.frames, emitted.words + tail.words, True, tail.frames_run)
+    def _finish(self, slot: Slot, emitted: Emitted) -> Emitted:
+        tail = self._emitted(slot, list(slot.window.finish()))
+        slot.finished = True
+        self.leave(slot)
+        return Emitted(emitted.frames + tail.frames, emitted.words + tail.words, True, slot.frames_run)
 
-    def _emitted(self, row: int, events: list) -> Emitted:
+    def _emitted(self, slot: Slot, events: list) -> Emitted:
         frames = [e for e in events if isinstance(e, AudioFrame)]
         if self.decoders is not None:
-            frames = self.decoders.decode(row, frames)
-        return Emitted(frames, [e for e in events if isinstance(e, Word)], False, self.frames_run[row])
+            frames = self.decoders.decode(slot.row, frames)
+        return Emitted(frames, [e for e in events if isinstance(e, Word)], False, slot.frames_run)
+
+
+def _arrived(launched: _InFlight) -> bool:
+    return launched.ready is None or launched.ready.query()
+
+
+def _merge(first: Emitted, then: Emitted) -> Emitted:
+    return Emitted(first.frames + then.frames, first.words + then.words, then.finished, then.frames_run)
 
 
 class GenerationStream:
@@ -160,21 +215,21 @@ class GenerationStream:
         plan = self.plan
         runner = BatchRunner(self.engine, 1, plan.buffer_length, decode_audio=self.decode_audio,
                              max_entries=len(plan.entries), max_tokens=max(1, sum(len(e.tokens) for e in plan.entries)))
-        row, emitted = runner.join(plan)
-        self.timestamps = runner.windows[row].timestamps
-        yield from emitted.frames
-        yield from emitted.words
-        while not emitted.finished:
-            emitted = runner.step()[row]
+        slot, emitted = runner.join(plan)
+        self.timestamps = slot.window.timestamps
+        while True:
             yield from emitted.frames
             yield from emitted.words
-        self.frames_run = emitted.frames_run
+            if emitted.finished:
+                break
+            emitted = runner.step().get(slot, Emitted())
+        self.frames_run = slot.frames_run
 
 
 Output = Emitted | BaseException
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """A submitted generation. `on_output` is called on the scheduler thread with each step's Emitted, or
     with the exception that ended it; after a finished Emitted or an exception it is not called again."""
@@ -183,7 +238,6 @@ class Ticket:
     on_output: Callable[[Output], None]
     deadline: float | None = None
     plan: GenerationPlan | None = None
-    row: int | None = None
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
@@ -201,13 +255,12 @@ class Scheduler:
     """Owns the engine on one thread: admits waiting generations into free slots between frames and steps
     all active ones together."""
 
-    def __init__(self, engine: Dia2Engine, slots: int, length: int | None = None, *,
-                 decode_audio: bool = True) -> None:
-        length = length or engine.config.runtime.max_context_steps + 1
-        self.runner = BatchRunner(engine, slots, length, decode_audio=decode_audio)
+    def __init__(self, engine: Dia2Engine, slots: int, length: int, *, decode_audio: bool = True,
+                 lag: int = 0, graphs: bool = False) -> None:
+        self.runner = BatchRunner(engine, slots, length, decode_audio=decode_audio, lag=lag, graphs=graphs)
         self.engine = engine
         self._waiting: deque[Ticket] = deque()
-        self._running: dict[int, Ticket] = {}
+        self._running: dict[Slot, Ticket] = {}
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="dia2-scheduler", daemon=True)
@@ -215,7 +268,7 @@ class Scheduler:
 
     @property
     def slots(self) -> int:
-        return self.runner.slots
+        return len(self.runner.slots)
 
     def submit(self, request: GenerationRequest, on_output: Callable[[Output], None],
                deadline: float | None = None) -> Ticket:
@@ -226,11 +279,6 @@ class Scheduler:
             self._waiting.append(ticket)
             self._wake.notify()
         return ticket
-
-    def wake(self) -> None:
-        """Make the loop look at cancellations now (it also does before every frame)."""
-        with self._wake:
-            self._wake.notify()
 
     def close(self) -> None:
         with self._wake:
@@ -252,10 +300,10 @@ class Scheduler:
 
     def _drop_ended(self) -> None:
         now = time.monotonic()
-        for row, ticket in list(self._running.items()):
+        for slot, ticket in list(self._running.items()):
             if ticket.cancelled or (ticket.deadline is not None and now > ticket.deadline):
-                self.runner.leave(row)
-                del self._running[row]
+                self.runner.leave(slot)
+                del self._running[slot]
                 if not ticket.cancelled:
                     ticket.on_output(JobTimeout("the job ran past its time limit"))
 
@@ -270,12 +318,12 @@ class Scheduler:
             try:
                 ticket.plan = self.engine.prepare(ticket.request)
                 ticket.started_at = time.monotonic()
-                ticket.row, emitted = self.runner.join(ticket.plan)
-            except Exception as exc:  # a bad request fails its job only
+                slot, emitted = self.runner.join(ticket.plan)
+            except Exception as exc:  # a bad request fails its own job only
                 ticket.on_output(exc)
                 continue
             if not emitted.finished:
-                self._running[ticket.row] = ticket
+                self._running[slot] = ticket
             ticket.on_output(emitted)
 
     def _step(self) -> None:
@@ -283,14 +331,16 @@ class Scheduler:
             outputs = self.runner.step()
         except Exception as exc:  # the step itself failed: every running job fails, the worker stays up
             log.exception("generation step failed")
-            for row, ticket in self._running.items():
-                self.runner.leave(row)
+            for slot, ticket in self._running.items():
+                self.runner.leave(slot)
                 ticket.on_output(exc)
             self._running.clear()
             return
-        for row, emitted in outputs.items():
-            ticket = self._running[row]
+        for slot, emitted in outputs.items():
+            ticket = self._running.get(slot)
+            if ticket is None:
+                continue
             if emitted.finished:
-                del self._running[row]
+                del self._running[slot]
             if not ticket.cancelled:
                 ticket.on_output(emitted)
