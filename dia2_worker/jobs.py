@@ -371,11 +371,13 @@ def _output(value: object, field: str) -> OutputSpec:
 def _key_prefix(value: object, field: str) -> str:
     """An object-key prefix that cannot climb out of, or start above, the worker's key space."""
     key_prefix = _string(value, field)
-    if not _KEY_PREFIX_CHARS.fullmatch(key_prefix) or ".." in key_prefix or key_prefix.startswith("/"):
+    segments = key_prefix.rstrip("/").split("/")
+    if not _KEY_PREFIX_CHARS.fullmatch(key_prefix) or key_prefix.startswith("/") or any(
+            segment in ("", ".", "..") for segment in segments):
         raise JobInputError(
             field,
             f"must be 1 to {MAX_KEY_PREFIX_CHARS} characters of A-Z a-z 0-9 / _ . -, "
-            f'without ".." or a leading "/", got {_show(key_prefix)}',
+            f'without a leading "/" or empty, "." or ".." path segments, got {_show(key_prefix)}',
         )
     return key_prefix
 

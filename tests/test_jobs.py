@@ -310,9 +310,18 @@ def test_key_prefix_accepts_safe_keys(value: str) -> None:
     assert parse_job(with_field("output.key_prefix", value), DEFAULTS).output.key_prefix == value
 
 
-@pytest.mark.parametrize("value", ["", "/abs", "a/../b", "..", "a b", "é", "a\\b", "x" * 201, "a?b"])
+@pytest.mark.parametrize("value", ["", "/abs", "a/../b", "..", "a b", "é", "a\\b", "x" * 201, "a?b", "a//b",
+                                   "./x", "a/.", "a/./b"])
 def test_key_prefix_refuses_unsafe_keys(value: str) -> None:
-    refused(with_field("output.key_prefix", value), "output.key_prefix", "1 to 200 characters", 'without ".."')
+    refused(with_field("output.key_prefix", value), "output.key_prefix", "1 to 200 characters", '".." path segments')
+
+
+@pytest.mark.parametrize("value", ["runs", "a/b/c-d_e.f", "prefix/", "x.y/z"])
+def test_accepted_key_prefixes_make_valid_object_keys(value: str) -> None:
+    from dia2_worker.storage import LocalStorage, StorageSettings
+
+    storage = LocalStorage(StorageSettings())
+    assert storage.key_for("job-1", parse_job(with_field("output.key_prefix", value), DEFAULTS).output.key_prefix)
 
 
 def test_output_format_is_wav_only() -> None:
