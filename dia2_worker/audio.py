@@ -1,0 +1,80 @@
+"""Audio helpers shared by the codec CLI, the engine and the worker: read, mono 24 kHz, 16-bit PCM.
+
+`to_mono_24k` is how Dia2's original runtime prepared voice prefixes (channel mean, then linear
+interpolation with align_corners=False to round(N * 24000 / rate) samples), so prefixes encode to the
+same codes. `pcm16` is the one float -> int16 rule, and WAV files are written from pcm_s16le bytes, so
+streamed PCM chunks concatenate to exactly the WAV's samples.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 24_000
+
+
+def read_audio(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    """An audio file (a path, or its bytes; whatever libsndfile reads) -> float32 [N, channels], sample rate."""
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
+                            always_2d=True)
+    return samples, rate
+
+
+def to_mono(samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[N] or [N, channels] -> float32 [N], the mean of the channels."""
+    wave = torch.as_tensor(samples, dtype=torch.float32)
+    if wave.dim() == 2:
+        return wave.mean(dim=1)
+    if wave.dim() != 1:
+        raise ValueError(f"audio must be [N] or [N, channels], got shape {list(wave.shape)}")
+    return wave
+
+
+def resample(wave: torch.Tensor, sample_rate: int, target_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """[N] at `sample_rate` -> [round(N * target / rate)] by linear interpolation (align_corners=False)."""
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    if sample_rate == target_rate:
+        return wave
+    size = round(wave.shape[0] * target_rate / sample_rate)
+    return F.interpolate(wave.view(1, 1, -1), size=size, mode="linear", align_corners=False).view(-1)
+
+
+def to_mono_24k(samples: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Any-rate, any-channel audio -> float32 [N'] mono at 24 kHz, as Mimi encodes it."""
+    return resample(to_mono(samples), sample_rate)
+
+
+def pcm16(wave: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Float samples -> int16: clamp to [-1, 1], times 32767, truncated toward zero."""
+    if isinstance(wave, torch.Tensor):
+        wave = wave.detach().float().cpu().numpy()
+    return (np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def pcm16_bytes(wave: np.ndarray | torch.Tensor) -> bytes:
+    """Float samples -> pcm_s16le bytes (the `pcm16` rule, little-endian)."""
+    return pcm16(wave).astype("<i2").tobytes()
+
+
+def wav_bytes(pcm_s16le: bytes, sample_rate: int) -> bytes:
+    """Mono pcm_s16le bytes -> a complete 16-bit PCM WAV file holding exactly those samples."""
+    import soundfile as sf
+
+    if len(pcm_s16le) % 2:
+        raise ValueError("pcm_s16le must hold whole 16-bit samples")
+    buffer = io.BytesIO()
+    sf.write(buffer, np.frombuffer(pcm_s16le, dtype="<i2"), sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def write_wav(path: str | Path, wave: np.ndarray | torch.Tensor, sample_rate: int) -> None:
+    """Mono float samples [N] -> a 16-bit PCM WAV file (the `pcm16` rule)."""
+    Path(path).write_bytes(wav_bytes(pcm16_bytes(wave), sample_rate))

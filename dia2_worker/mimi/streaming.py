@@ -1,0 +1,87 @@
+"""Streaming decode: B independent streams, each call turning new frames into exactly their new samples.
+
+All state lives in fixed-shape tensors allocated once (conv left contexts, transposed-conv output tails,
+a sliding-window KV ring with per-row step counters), updated in place. `step` has no host sync and
+no branch on tensor values, so it can be captured in a CUDA graph; `reset` zeroes masked rows, so one
+stream restarts while the others carry on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .conv import ConvOverlap, LayerStates
+from .transformer import KVCache
+
+if TYPE_CHECKING:
+    from .codec import MimiCodec
+
+
+@dataclass
+class DecoderState:
+    """Everything the decoder carries from one call to the next, for B rows."""
+
+    upsample: ConvOverlap | None  # None when the codec has no frame-rate upsampling conv
+    transformer: KVCache
+    seanet: LayerStates
+
+    def reset(self, rows: Tensor) -> None:
+        """Restart the rows where the bool mask `rows` [B] is set."""
+        if self.upsample is not None:
+            self.upsample.reset(rows)
+        self.transformer.reset(rows)
+        self.seanet.reset(rows)
+
+
+class StreamingDecoder:
+    """`codec.streaming_decoder(B)`: frames [B, K, n] in, the next n * frame_size samples of each row out."""
+
+    def __init__(self, codec: MimiCodec, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.codec = codec
+        self.batch_size = batch_size
+        # Normal tensors, never inference tensors (even when built inside inference mode), so code outside
+        # inference mode, such as a CUDA graph captured around `step`, may update them too.
+        with torch.inference_mode(False):
+            self.state = codec.init_decoder_state(batch_size)
+
+    @torch.inference_mode()
+    def decode(self, codes: Tensor) -> Tensor:
+        """Checked: codes [B, K, n] (any device) -> [B, 1, n * frame_size] on the codec's device."""
+        codes = self.codec.check_codes(codes)
+        if codes.shape[0] != self.batch_size:
+            raise ValueError(f"codes have batch {codes.shape[0]}, this decoder has {self.batch_size} rows")
+        if codes.shape[2] == 0:
+            return codes.new_zeros((self.batch_size, 1, 0), dtype=self.codec.dtype)
+        return self.step(codes)
+
+    @torch.inference_mode()
+    def step(self, codes: Tensor) -> Tensor:
+        """Unchecked `decode` for graph capture: valid long codes [B, K, n >= 1] already on the device."""
+        return self.codec.decode_step(codes, self.state)
+
+    @torch.inference_mode()
+    def reset(self, rows: Sequence[int] | Tensor | None = None) -> None:
+        """Restart some rows (indices or a bool mask [B]) or, with None, all of them."""
+        self.state.reset(self._row_mask(rows))
+
+    def _row_mask(self, rows: Sequence[int] | Tensor | None) -> Tensor:
+        device = self.codec.device
+        if rows is None:
+            return torch.ones(self.batch_size, dtype=torch.bool, device=device)
+        if isinstance(rows, Tensor) and rows.dtype == torch.bool:
+            if rows.shape != (self.batch_size,):
+                raise ValueError(f"a row mask must have shape [{self.batch_size}], got {list(rows.shape)}")
+            return rows.to(device)
+        if not isinstance(rows, Tensor):
+            bad = [r for r in rows if not 0 <= r < self.batch_size]
+            if bad:
+                raise ValueError(f"rows {bad} out of range: this decoder has rows 0..{self.batch_size - 1}")
+        index = torch.as_tensor(rows, dtype=torch.long, device=device)
+        return torch.zeros(self.batch_size, dtype=torch.bool, device=device).index_fill_(0, index, True)
