@@ -239,10 +239,11 @@ class Dia2Engine:
         max_frames = min(params.max_frames or max_context, max_context)
         needed = self._frames_needed(entries, 0 if request.prefix else params.initial_padding)
         if needed > max_frames:
-            limit = "max_frames" if max_frames < max_context else "max_context_steps"
+            limit = f"the limit is {max_frames} frames ({max_frames / FRAME_RATE:.1f} s"
             raise GenerationParamError(
-                "text", f"needs at least {needed} frames ({needed / FRAME_RATE:.1f} s) to be spoken, "
-                        f"more than the limit of {max_frames} frames ({limit})")
+                "max_frames" if max_frames < max_context else "text",
+                f"the text needs at least {needed} frames ({needed / FRAME_RATE:.1f} s) to be spoken; {limit}"
+                + (")" if max_frames < max_context else ", the model's context)"))
         return params, entries, max_frames
 
     def prepare(self, request: GenerationRequest) -> GenerationPlan:

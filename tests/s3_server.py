@@ -26,6 +26,8 @@ import boto3
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
+from dia2_worker.storage import MIB
+
 ACCESS_KEY_ID = "testing"  # moto accepts any credentials
 SECRET_ACCESS_KEY = "testing"
 REGION = "us-east-1"
@@ -262,3 +264,20 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+def bucket_env(endpoint_url: str, bucket: str, **overrides: str) -> dict[str, str]:
+    """Settings for tests: tiny backoff, 3 attempts, the smallest multipart threshold."""
+    return {
+        "BUCKET_ENDPOINT_URL": endpoint_url,
+        "BUCKET_NAME": bucket,
+        "BUCKET_ACCESS_KEY_ID": ACCESS_KEY_ID,
+        "BUCKET_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+        "UPLOAD_MAX_ATTEMPTS": "3",
+        "UPLOAD_BACKOFF_BASE_S": "0.001",
+        "UPLOAD_BACKOFF_MAX_S": "0.01",
+        "MULTIPART_THRESHOLD_BYTES": str(5 * MIB),
+        "BUCKET_CONNECT_TIMEOUT_S": "1",
+        "BUCKET_READ_TIMEOUT_S": "5",
+        **overrides,
+    }

@@ -34,7 +34,7 @@ from dia2_worker.storage import (
     StoredObject,
     make_storage,
 )
-from s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, Fault, FaultProxy, MotoServer
+from s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, Fault, FaultProxy, MotoServer, bucket_env
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE = 11 * MIB  # three parts at the 5 MiB threshold the tests use
@@ -51,23 +51,6 @@ def sha256(data: bytes) -> str:
 def fetch(url: str) -> bytes:
     with urlopen(url, timeout=10) as response:
         return response.read()
-
-
-def bucket_env(endpoint_url: str, bucket: str, **overrides: str) -> dict[str, str]:
-    """Settings for tests: tiny backoff, 3 attempts, the smallest multipart threshold."""
-    return {
-        "BUCKET_ENDPOINT_URL": endpoint_url,
-        "BUCKET_NAME": bucket,
-        "BUCKET_ACCESS_KEY_ID": ACCESS_KEY_ID,
-        "BUCKET_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-        "UPLOAD_MAX_ATTEMPTS": "3",
-        "UPLOAD_BACKOFF_BASE_S": "0.001",
-        "UPLOAD_BACKOFF_MAX_S": "0.01",
-        "MULTIPART_THRESHOLD_BYTES": str(5 * MIB),
-        "BUCKET_CONNECT_TIMEOUT_S": "1",
-        "BUCKET_READ_TIMEOUT_S": "5",
-        **overrides,
-    }
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,234 @@
+"""The worker process: settings from the environment, the model loaded and warmed once, jobs delegated.
+
+`handler.py` calls `start_loading` before importing the RunPod SDK, so reading weights and warming up
+overlap the SDK's slow import; `WorkerService.handle` is the async generator RunPod drives per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping
+
+from .jobs import WorkerConfigError, WorkerLimits
+
+log = logging.getLogger("dia2_worker")
+
+WARMUP_SCRIPT = "[S1] Warming up. [S2] Ready."
+MAX_DEFAULT_SLOTS = 64
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model_dir: Path
+    """MODEL_DIR: the model directory (config.json, weights, tokenizer, mimi/)."""
+    device: str
+    """DEVICE: cuda when available, else cpu."""
+    dtype: str
+    """DTYPE: bfloat16 on CUDA, float32 on CPU."""
+    slots: int | None
+    """SLOTS: generations stepped together; default from free GPU memory (1 on CPU)."""
+    max_concurrency: int | None
+    """MAX_CONCURRENCY: jobs RunPod hands this worker at once (default: SLOTS); extra ones wait in order."""
+    cuda_graphs: bool
+    """CUDA_GRAPHS: capture each frame as one CUDA graph (default on for CUDA)."""
+    job_timeout_s: float | None
+    """JOB_TIMEOUT_S: stop a generation running longer than this (default: none)."""
+    inline_audio_max_bytes: int
+    """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline when the upload fails for good (8 MiB)."""
+    log_level: str
+    """LOG_LEVEL: DEBUG, INFO (default), WARNING, ERROR."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
+        device = env.get("DEVICE") or _default_device()
+        dtype = env.get("DTYPE") or ("bfloat16" if device.startswith("cuda") else "float32")
+        if dtype not in ("float32", "bfloat16"):
+            raise WorkerConfigError(f"DTYPE: must be float32 or bfloat16, got {dtype!r}")
+        log_level = (env.get("LOG_LEVEL") or "INFO").upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise WorkerConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        return cls(
+            model_dir=Path(env.get("MODEL_DIR") or "/models/dia2"),
+            device=device,
+            dtype=dtype,
+            slots=_int(env, "SLOTS", 1, 1024),
+            max_concurrency=_int(env, "MAX_CONCURRENCY", 1, 4096),
+            cuda_graphs=_flag(env, "CUDA_GRAPHS", device.startswith("cuda")),
+            job_timeout_s=_float(env, "JOB_TIMEOUT_S", 1.0, 86400.0),
+            inline_audio_max_bytes=_int(env, "INLINE_AUDIO_MAX_BYTES", 0, 64 * 1024 * 1024) or 8 * 1024 * 1024,
+            log_level=log_level,
+        )
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
+    text = env.get(name)
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise WorkerConfigError(f"{name}: must be an integer between {lo} and {hi}, got {text!r}") from None
+    if not lo <= value <= hi:
+        raise WorkerConfigError(f"{name}: must be an integer between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, lo: float, hi: float) -> float | None:
+    text = env.get(name)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise WorkerConfigError(f"{name}: must be a number between {lo:g} and {hi:g}, got {text!r}") from None
+    if not lo <= value <= hi:
+        raise WorkerConfigError(f"{name}: must be a number between {lo:g} and {hi:g}, got {value:g}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    text = (env.get(name) or "").lower()
+    if not text:
+        return default
+    if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise WorkerConfigError(f"{name}: must be true or false, got {text!r}")
+    return text in ("1", "true", "yes", "on")
+
+
+class WorkerService:
+    """A loaded, warmed model behind a scheduler, and the per-job entry point RunPod calls."""
+
+    def __init__(self, settings: WorkerSettings, runner, scheduler) -> None:
+        self.settings, self.runner, self.scheduler = settings, runner, scheduler
+        self.max_concurrency = settings.max_concurrency or scheduler.slots
+
+    @classmethod
+    def load(cls, env: Mapping[str, str]) -> "WorkerService":
+        """Everything before the first job: settings, weights, codec, storage, scheduler, warm-up."""
+        import torch
+
+        from .engine import Dia2Engine
+        from .runner import JobRunner, RunnerSettings
+        from .scheduler import Scheduler
+        from .storage import StorageSettings, make_storage
+
+        started = time.monotonic()
+        settings = WorkerSettings.from_env(env)
+        logging.getLogger("dia2_worker").setLevel(settings.log_level)
+        limits = WorkerLimits.from_env(env)
+        storage_settings = StorageSettings.from_env(env)
+        storage = make_storage(storage_settings)
+        engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype))
+        max_duration = engine.config.runtime.max_context_steps / 12.5
+        if limits.max_duration_s > max_duration:
+            if env.get("MAX_DURATION_S"):
+                raise WorkerConfigError(f"MAX_DURATION_S: the model's context holds at most {max_duration:g} s, "
+                                        f"got {limits.max_duration_s:g}")
+            limits = replace(limits, max_duration_s=max_duration)
+        length = engine.buffer_length(prefix_frames=round(2 * limits.max_prefix_audio_s * 12.5) + 1)
+        slots = settings.slots or default_slots(engine, length)
+        log.info("slots: %d generations of up to %d frames, %.1f MiB of cache each", slots, length,
+                 slot_bytes(engine, length) / 2**20)
+        scheduler = Scheduler(engine, slots, length, decode_audio=True, graphs=settings.cuda_graphs,
+                              lag=2 if settings.cuda_graphs else 0)
+        runner = JobRunner(scheduler, storage, limits, RunnerSettings(
+            inline_audio_max_bytes=settings.inline_audio_max_bytes,
+            spool_dir=storage_settings.output_dir / "spool",
+            job_timeout_s=settings.job_timeout_s,
+        ))
+        service = cls(settings, runner, scheduler)
+        service.warm_up()
+        log.info("ready in %.2f s: %s on %s (%s), %d slots, concurrency %d", time.monotonic() - started,
+                 settings.model_dir, settings.device, settings.dtype, slots, service.max_concurrency)
+        return service
+
+    def warm_up(self) -> None:
+        """A generation through the whole path (scheduler, graphs, streaming decode) up to its first audio
+        frame, before any job; then it is cancelled."""
+        from .engine import GenerationParams, GenerationRequest
+
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def on_output(out) -> None:
+            if isinstance(out, BaseException):
+                errors.append(out)
+            if isinstance(out, BaseException) or out.frames or out.finished:
+                done.set()
+
+        ticket = self.scheduler.submit(GenerationRequest(WARMUP_SCRIPT, GenerationParams(seed=0)), on_output)
+        done.wait()
+        ticket.cancel()
+        if errors:
+            raise RuntimeError("warm-up generation failed") from errors[0]
+
+    async def handle(self, job: dict[str, Any]) -> AsyncIterator[dict]:
+        received = time.monotonic()
+        job_id = str(job.get("id", "local"))
+        log.info("job %s: started", job_id)
+        async for item in self.runner.run(job_id, job.get("input"), received):
+            if "error" in item:
+                log.warning("job %s: failed: %s", job_id, item["error"])
+            yield item
+        log.info("job %s: done in %.2f s", job_id, time.monotonic() - received)
+
+    def concurrency(self, current: int) -> int:
+        """Constant on purpose: the SDK drains every running job before it acts on a change."""
+        return self.max_concurrency
+
+
+def slot_bytes(engine, length: int) -> int:
+    """Device memory one slot's caches take (two CFG rows of backbone and depformer K/V)."""
+    cfg = engine.config.model
+    element = engine.dtype.itemsize
+    backbone = cfg.decoder.n_layer * 2 * 2 * cfg.decoder.kv_heads * length * cfg.decoder.gqa_head_dim
+    stages = cfg.depformer.n_layer * 2 * 2 * cfg.depformer.kv_heads * engine.config.num_stages * cfg.depformer.gqa_head_dim
+    return (backbone + stages) * element
+
+
+def default_slots(engine, length: int) -> int:
+    """As many slots as 80% of free GPU memory holds (up to 64); one on CPU."""
+    if engine.device.type != "cuda":
+        return 1
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    return max(1, min(MAX_DEFAULT_SLOTS, int(free * 0.8) // slot_bytes(engine, length)))
+
+
+class Loading:
+    """The service being loaded on a background thread, so the caller can import other things meanwhile."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._service: WorkerService | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, args=(dict(env),), name="dia2-load", daemon=True)
+        self._thread.start()
+
+    def _load(self, env: dict[str, str]) -> None:
+        try:
+            self._service = WorkerService.load(env)
+        except BaseException as exc:  # reported to the main thread by result()
+            self._error = exc
+
+    def result(self) -> WorkerService:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._service
+
+
+def start_loading(env: Mapping[str, str] | None = None) -> Loading:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Loading(os.environ if env is None else env)
