@@ -8,8 +8,9 @@ what is wrong rather than a stack trace from deep inside torch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -18,6 +19,9 @@ from .model import Dia2Model
 
 AUDIO_EMBED = "transformer.audio_embed.weight"
 QKV_SUFFIX = ".attn.qkv.weight"
+MANIFEST = "manifest.json"
+LAYOUT_VERSION = 1
+"""Serving layout written by bake_weights.py: engine tensor names (fusions applied), one dtype, a manifest."""
 
 
 class CheckpointError(ValueError):
@@ -102,6 +106,43 @@ def load_published_weights(path: str | Path, config: Dia2Config, device: torch.d
     check_names_and_shapes(safetensors_shapes(path), published_shapes(config), str(path))
     published = read_safetensors(path, None, device, dtype)
     return fuse_published(published, config)
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any] | None:
+    """The baked directory's manifest, after the checks cheap enough for every start: layout version,
+    and every listed file present with its recorded size. None for a directory in the published layout."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); re-run bake_weights.py") from None
+    version = manifest.get("layout_version")
+    if version != LAYOUT_VERSION:
+        raise CheckpointError(f"{path}: serving layout version {version!r}, this worker reads version "
+                              f"{LAYOUT_VERSION}; re-run bake_weights.py")
+    for name, entry in manifest.get("files", {}).items():
+        file = model_dir / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {MANIFEST} but missing")
+        size = file.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{file}: {size} bytes, {MANIFEST} says {entry['size']} "
+                                  f"({'truncated' if size < entry['size'] else 'changed'}); re-run bake_weights.py")
+    return manifest
+
+
+def load_weights(model_dir: str | Path, config: Dia2Config, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Engine tensors from a baked directory (read as they are) or a published one (checked and fused)."""
+    model_dir = Path(model_dir)
+    path = model_dir / "model.safetensors"
+    if read_manifest(model_dir) is None:
+        return load_published_weights(path, config, device, dtype)
+    check_names_and_shapes(safetensors_shapes(path), engine_shapes(config), str(path))
+    return read_safetensors(path, None, device, dtype)
 
 
 def fuse_published(published: Mapping[str, torch.Tensor], config: Dia2Config) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import build_model, load_published_weights
+from .checkpoint import build_model, load_weights
 from .config import Dia2Config
 from .model import Dia2Model, KVCache, rope_tables
 from .sampling import SamplingParams, guide, sample, uniform
@@ -208,12 +208,12 @@ class Dia2Engine:
     @classmethod
     def load(cls, model_dir: str | Path, mimi_dir: str | Path | None = None, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32) -> "Dia2Engine":
-        """A published model directory (config.json, model.safetensors, tokenizer.json; Mimi in `mimi/`)."""
+        """A baked or published model directory (config.json, model.safetensors, tokenizer.json; Mimi in `mimi/`)."""
         from .mimi import load_mimi
 
         model_dir, device = Path(model_dir), torch.device(device)
         config = Dia2Config.load(model_dir / "config.json")
-        tensors = load_published_weights(model_dir / "model.safetensors", config, device, dtype)
+        tensors = load_weights(model_dir, config, device, dtype)
         model = build_model(config, tensors)
         codec = load_mimi(Path(mimi_dir) if mimi_dir else model_dir / "mimi", device=device, dtype=dtype)
         if codec.num_codebooks < config.num_codebooks:

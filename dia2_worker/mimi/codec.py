@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import safetensors_shapes
+from ..checkpoint import check_names_and_shapes, read_safetensors, safetensors_shapes
 from .config import MimiConfig
 from .conv import CausalConv1d, CausalConvTranspose1d, SEANetDecoder, SEANetEncoder
 from .quantizer import SplitResidualVectorQuantizer
@@ -161,12 +161,20 @@ class MimiCodec(nn.Module):
 
 def load_mimi(mimi_dir: str | Path, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> MimiCodec:
-    """A published Mimi directory (config.json + model.safetensors), checked before any tensor is read."""
+    """A Mimi directory (config.json + model.safetensors), checked before any tensor is read: the published
+    layout, or the serving layout bake_weights.py writes (the codec's own tensors, code vectors precomputed)."""
     mimi_dir, device = Path(mimi_dir), torch.device(device)
     config = MimiConfig.load(mimi_dir / "config.json")
     path = mimi_dir / "model.safetensors"
     if not path.is_file():
         raise MimiCheckpointError(f"{path}: weights file not found")
     skeleton = MimiCodec.skeleton(config)
-    check_published(safetensors_shapes(path), skeleton, str(path))
+    shapes = safetensors_shapes(path)
+    own = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    if set(shapes) == set(own):
+        check_names_and_shapes(shapes, own, str(path))
+        codec = MimiCodec.skeleton(config)
+        codec.load_state_dict(read_safetensors(path, None, device, dtype), strict=True, assign=True)
+        return codec.eval().requires_grad_(False)
+    check_published(shapes, skeleton, str(path))
     return MimiCodec.from_tensors(config, read_published(path, skeleton, device, dtype), device, dtype)
