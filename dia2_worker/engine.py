@@ -388,11 +388,13 @@ class Dia2Engine:
         return self._ropes[length]
 
     @torch.inference_mode()
-    def step(self, state: GenerationState, kv_len: int) -> StepOutput:
+    def step(self, state: GenerationState, kv_len: int, host_sync: bool = False) -> StepOutput:
         """Advance every row by one frame. Pure tensor work: no host syncs, so it can be graph-captured.
         Rows that are finished run too (their results are ignored), which keeps shapes static.
 
         `kv_len` bounds the cache slots attention reads (at least every active row's slot + 1).
+        `host_sync` reads every sampled token back to the host as it is drawn, the way the original
+        runtime does (a benchmark baseline; the tokens are the same).
         """
         cfg, ids, sp = self.config, self.ids, state.sampling
         B, C, L = state.batch, cfg.num_codebooks, state.length
@@ -412,6 +414,8 @@ class Dia2Engine:
 
         text_token = sample(guide(action_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k), sp.text_temperature,
                             sp.text_top_k, uniform(sp.seed, t, 0))
+        if host_sync:
+            text_token.tolist()
         entries_before = state.text.next_entry.clone()
         main, second = text_step(state.text, t, text_token, torch.zeros_like(active), ids, self.ahead)
         popped = state.text.next_entry > entries_before
@@ -429,6 +433,8 @@ class Dia2Engine:
         guided[:, data.audio_bos_token_id] = lowest
         token = sample(guided, sp.audio_temperature, sp.audio_top_k, uniform(sp.seed, t, 1))
         state.audio[:, 0].scatter_(1, write_at, token.unsqueeze(1))
+        if host_sync:
+            token.tolist()
         main2, second2 = main.repeat(2), second.repeat(2)
         for s in range(cfg.num_stages):
             logits = self.model.depformer(s, hidden, token.repeat(2), main2, second2, self.stage_ropes[s],
@@ -436,6 +442,8 @@ class Dia2Engine:
             token = sample(guide(logits, sp.cfg_scale, sp.cfg_filter_k), sp.audio_temperature, sp.audio_top_k,
                            uniform(sp.seed, t, 2 + s))
             state.audio[:, s + 1].scatter_(1, write_at, token.unsqueeze(1))
+            if host_sync:
+                token.tolist()
 
         end_step = state.text.end_step
         state.eos_cutoff.copy_(torch.where((state.eos_cutoff == NEVER) & (end_step >= 0),
