@@ -1,0 +1,133 @@
+"""Many generations in one batch: jobs joining and leaving between frames give exactly the tokens each job
+gives alone; cancelled and timed-out jobs free their slot without disturbing the others."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from dia2_worker.engine import AudioFrame, GenerationParamError, GenerationParams, GenerationRequest
+from dia2_worker.scheduler import BatchRunner, Emitted, JobTimeout, Scheduler
+
+REQUESTS = [
+    GenerationRequest("[S1] hello world this is a test [S2] how are you",
+                      GenerationParams(text_temperature=0, audio_temperature=0, cfg_scale=3.0)),
+    GenerationRequest("[S2] I am fine today, thanks world", GenerationParams(seed=5)),
+    GenerationRequest('[S1] hello. [S2] fine thanks! <break time="0.5s"/> [S1] good: the quick brown fox',
+                      GenerationParams(seed=11, cfg_scale=1.0, audio_top_k=5, text_top_k=1)),
+    GenerationRequest("[S1] the lazy dog", GenerationParams(seed=12, max_frames=40, audio_temperature=1.2)),
+    GenerationRequest("[S2] go", GenerationParams(text_temperature=0, audio_temperature=0, cfg_filter_k=3,
+                                                  initial_padding=0)),
+]
+
+
+def alone(engine, request: GenerationRequest) -> torch.Tensor:
+    return engine.generate(request).tokens
+
+
+@pytest.fixture(scope="module")
+def solo(engine) -> list[torch.Tensor]:
+    return [alone(engine, request) for request in REQUESTS]
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_jobs_joining_and_leaving_match_jobs_run_alone(engine, solo, lag):
+    plans = [engine.prepare(request) for request in REQUESTS]
+    runner = BatchRunner(engine, 3, max(p.buffer_length for p in plans), decode_audio=False, lag=lag)
+    join_at = [0, 3, 7, 8, 9]  # more jobs than slots: later ones wait for a slot to free up
+    frames: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(plans))}
+    job_of, waiting, finished, step = {}, list(range(len(plans))), set(), 0
+    while len(finished) < len(plans):
+        for i in list(waiting):
+            if join_at[i] <= step and runner.free_rows():
+                slot, emitted = runner.join(plans[i])
+                job_of[slot] = i
+                waiting.remove(i)
+                frames[i] += [f.tokens for f in emitted.frames]
+        for slot, emitted in runner.step().items():
+            frames[job_of[slot]] += [f.tokens for f in emitted.frames]
+            if emitted.finished:
+                finished.add(job_of[slot])
+        step += 1
+    for i, expected in enumerate(solo):
+        assert torch.equal(torch.stack(frames[i], dim=1), expected), f"job {i}"
+
+
+class Collector:
+    """What the scheduler thread delivered to one job."""
+
+    def __init__(self) -> None:
+        self.frames: list[AudioFrame] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def __call__(self, out: Emitted | BaseException) -> None:
+        if isinstance(out, BaseException):
+            self.error = out
+            self.done.set()
+            return
+        self.frames += out.frames
+        if out.finished:
+            self.done.set()
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return torch.stack([f.tokens for f in self.frames], dim=1)
+
+
+def test_scheduler_runs_queued_jobs_and_a_cancelled_job_frees_its_slot(engine, solo):
+    scheduler = Scheduler(engine, 2, engine.buffer_length(), decode_audio=True)
+    try:
+        collectors = [Collector() for _ in REQUESTS]
+        tickets = [scheduler.submit(r, c) for r, c in zip(REQUESTS, collectors)]
+        deadline = time.monotonic() + 30
+        while not collectors[1].frames and time.monotonic() < deadline:
+            time.sleep(0.005)
+        cancelled_at = time.monotonic()
+        tickets[1].cancel()  # job 1 is running: its slot must go to the next job in line
+        for i, collector in enumerate(collectors):
+            if i != 1:
+                assert collector.done.wait(60), f"job {i} did not finish"
+                assert collector.error is None
+                assert torch.equal(collector.tokens, solo[i]), f"job {i}"
+                assert all(f.pcm is not None and f.pcm.shape == (1920,) for f in collector.frames)
+        assert not collectors[1].done.is_set()
+        assert len(collectors[1].frames) < solo[1].shape[1]
+        assert all(t.started_at is not None for t in tickets)
+        # Job 2 waited for a slot; it got job 1's right away, while job 0 was still running.
+        assert cancelled_at < tickets[2].started_at < cancelled_at + 0.5
+        assert tickets[2].started_at < tickets[3].started_at
+    finally:
+        scheduler.close()
+
+
+def test_streamed_pcm_matches_the_offline_decode(engine):
+    scheduler = Scheduler(engine, 1, engine.buffer_length(), decode_audio=True)
+    try:
+        collector = Collector()
+        scheduler.submit(REQUESTS[0], collector)
+        assert collector.done.wait(60)
+    finally:
+        scheduler.close()
+    pcm = torch.cat([torch.from_numpy(f.pcm) for f in collector.frames])
+    offline = engine.codec.decode(collector.tokens.unsqueeze(0))[0, 0]
+    assert (pcm - offline).abs().max() < 1e-4
+
+
+def test_bad_requests_and_timeouts_fail_only_their_job(engine, solo):
+    scheduler = Scheduler(engine, 2, engine.buffer_length(), decode_audio=False)
+    try:
+        bad, late, good = Collector(), Collector(), Collector()
+        scheduler.submit(GenerationRequest("[S1] hi", GenerationParams(cfg_scale=0.0)), bad)
+        scheduler.submit(REQUESTS[2], late, deadline=time.monotonic() - 1)  # stopped at its first frame
+        scheduler.submit(REQUESTS[4], good)
+        for collector in (bad, late, good):
+            assert collector.done.wait(60)
+        assert isinstance(bad.error, GenerationParamError) and bad.error.param == "cfg_scale"
+        assert isinstance(late.error, JobTimeout)
+        assert good.error is None and torch.equal(good.tokens, solo[4])
+    finally:
+        scheduler.close()
