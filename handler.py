@@ -7,7 +7,7 @@ SDK is imported (the SDK's import alone takes about a second); jobs are parsed, 
 
 import os
 
-from dia2_worker.worker import start_loading
+from dia2_worker.worker import start_loading, use_sdk_logging
 
 
 def main() -> None:
@@ -16,6 +16,7 @@ def main() -> None:
     import runpod
 
     service = loading.result()
+    use_sdk_logging()
     runpod.serverless.start({
         "handler": service.handle,
         "return_aggregate_stream": True,

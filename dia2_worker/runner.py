@@ -129,7 +129,7 @@ class JobRunner:
         try:
             stored = self.storage.put(key, wav, presign_expiry_s=job.output.presign_expiry_s)
         except StorageError as exc:
-            log.error("job %s: %s", job_id, exc)
+            log.error("%s", exc, extra={"job_id": job_id})
             if len(wav) <= self.settings.inline_audio_max_bytes:
                 return result_item(audio_url=None, bucket=None, key=key, sha256=hashlib.sha256(wav).hexdigest(),
                                    audio_base64=base64.b64encode(wav).decode("ascii"), **fields)

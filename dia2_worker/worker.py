@@ -176,12 +176,16 @@ class WorkerService:
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[dict]:
         received = time.monotonic()
         job_id = str(job.get("id", "local"))
-        log.info("job %s: started", job_id)
+        tag = {"job_id": job_id}
+        log.info("started", extra=tag)
         async for item in self.runner.run(job_id, job.get("input"), received):
             if "error" in item:
-                log.warning("job %s: failed: %s", job_id, item["error"])
+                log.warning("failed: %s", item["error"], extra=tag)
+            elif item.get("type") == "result":
+                log.info("done in %.2f s: %.2f s of audio, time to first audio %s ms", time.monotonic() - received,
+                         item["duration_s"], item["metrics"]["ttfa_ms"] and round(item["metrics"]["ttfa_ms"]),
+                         extra=tag)
             yield item
-        log.info("job %s: done in %.2f s", job_id, time.monotonic() - received)
 
     def concurrency(self, current: int) -> int:
         """Constant on purpose: the SDK drains every running job before it acts on a change."""
@@ -232,3 +236,30 @@ class Loading:
 def start_loading(env: Mapping[str, str] | None = None) -> Loading:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return Loading(os.environ if env is None else env)
+
+
+class SdkLogHandler(logging.Handler):
+    """Our log records through the RunPod SDK's logger, with the job id: on the platform they become the
+    JSON lines its log view files under each request."""
+
+    LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARN"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        from runpod.serverless.modules.rp_logger import RunPodLogger
+
+        self.sdk = RunPodLogger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = self.LEVELS.get(record.levelno, "ERROR")
+        self.sdk.log(f"{record.name}: {self.format(record)}", level, getattr(record, "job_id", None))
+
+
+def use_sdk_logging() -> None:
+    """Once the SDK is imported: route dia2_worker's records to its logger instead of stderr."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    logger = logging.getLogger("dia2_worker")
+    logger.addHandler(SdkLogHandler())
+    logger.propagate = False
