@@ -2,20 +2,28 @@
 
 The model is loaded and warmed once per container, on a background thread started before the RunPod
 SDK is imported (the SDK's import alone takes about a second); jobs are parsed, validated and run by
-`dia2_worker` (see worker.py and runner.py).
+`dia2_worker` (see worker.py and runner.py). With DIA2_STARTUP_REPORT=path the process instead times
+one job and writes its start-up phases there (python -m dia2_worker.coldstart drives this).
 """
 
 import os
 
-from dia2_worker.worker import start_loading, use_sdk_logging
+from dia2_worker.timing import PHASES
+
+with PHASES.phase("import dia2_worker.worker"):
+    from dia2_worker.worker import start_loading, use_sdk_logging
 
 
 def main() -> None:
     loading = start_loading()
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")  # the SDK's default, DEBUG, logs every yielded chunk
-    import runpod
+    with PHASES.phase("import runpod"):
+        import runpod
 
     service = loading.result()
+    if os.environ.get("DIA2_STARTUP_REPORT"):
+        service.write_startup_report(os.environ["DIA2_STARTUP_REPORT"])
+        return
     use_sdk_logging()
     runpod.serverless.start({
         "handler": service.handle,

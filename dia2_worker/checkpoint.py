@@ -90,6 +90,53 @@ def read_safetensors(path: str | Path, names: Iterable[str] | None, device: torc
     return out
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+STAGING_BYTES = 64 * 1024 * 1024
+
+
+def read_to_device(path: str | Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, as views of one device buffer filled by sequential reads.
+
+    The file is read in large chunks into two pinned host buffers in turn; each chunk's copy to the GPU
+    runs while the next chunk is read, so the load goes at disk (or page cache) speed with no per-tensor
+    overhead. safetensors lays tensors out largest element size first from an 8-byte aligned start, so
+    every view is aligned.
+    """
+    import json
+    import struct
+
+    with open(path, "rb", buffering=0) as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_size))
+        header.pop("__metadata__", None)
+        size = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        data = torch.empty(size, dtype=torch.uint8, device=device)
+        pinned = device.type == "cuda"
+        staging = [torch.empty(min(STAGING_BYTES, max(size, 1)), dtype=torch.uint8, pin_memory=pinned)
+                   for _ in range(2)]
+        in_flight: list = [None, None]
+        offset = 0
+        while offset < size:
+            turn = (offset // STAGING_BYTES) % 2
+            if in_flight[turn] is not None:
+                in_flight[turn].synchronize()  # the copy out of this buffer has finished
+            count = f.readinto(memoryview(staging[turn].numpy())[: min(STAGING_BYTES, size - offset)])
+            if not count:
+                raise CheckpointError(f"{path}: file ends at byte {8 + header_size + offset}, "
+                                      f"its header says {8 + header_size + size}")
+            data[offset: offset + count].copy_(staging[turn][:count], non_blocking=pinned)
+            if pinned:
+                in_flight[turn] = torch.cuda.Event()
+                in_flight[turn].record()
+            offset += count
+    if pinned:
+        torch.cuda.current_stream(device).synchronize()
+    return {name: data[entry["data_offsets"][0]: entry["data_offsets"][1]].view(_DTYPES[entry["dtype"]])
+            .view(entry["shape"]) for name, entry in header.items()}
+
+
 def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -134,15 +181,30 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def load_weights(model_dir: str | Path, config: Dia2Config, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Engine tensors from a baked directory (read as they are) or a published one (checked and fused)."""
+def load_weights(model_dir: str | Path, config: Dia2Config, device: torch.device, dtype: torch.dtype, *,
+                 staged_fp32: bool = False) -> dict[str, torch.Tensor]:
+    """Engine tensors from a baked directory (read as they are) or a published one (checked and fused).
+
+    A baked file goes to a GPU in one sequential pass (`read_to_device`). `staged_fp32` is the naive path
+    the cold-start baseline measures: every tensor read as float32 on the host, then moved, then cast.
+    """
+    from .timing import PHASES
+
     model_dir = Path(model_dir)
     path = model_dir / "model.safetensors"
     if read_manifest(model_dir) is None:
-        return load_published_weights(path, config, device, dtype)
+        with PHASES.phase("weights (published layout)"):
+            return load_published_weights(path, config, device, dtype)
     check_names_and_shapes(safetensors_shapes(path), engine_shapes(config), str(path))
-    return read_safetensors(path, None, device, dtype)
+    if staged_fp32:
+        with PHASES.phase("weights read (fp32, host)"):
+            host = read_safetensors(path, None, torch.device("cpu"), torch.float32)
+        with PHASES.phase("weights to device + cast"):
+            return {name: t.to(device).to(dtype) for name, t in host.items()}
+    with PHASES.phase("weights read + to device"):
+        if device.type == "cuda":
+            return {name: t.to(dtype) for name, t in read_to_device(path, device).items()}
+        return read_safetensors(path, None, device, dtype)
 
 
 def fuse_published(published: Mapping[str, torch.Tensor], config: Dia2Config) -> dict[str, torch.Tensor]:

@@ -207,18 +207,27 @@ class Dia2Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, mimi_dir: str | Path | None = None, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> "Dia2Engine":
-        """A baked or published model directory (config.json, model.safetensors, tokenizer.json; Mimi in `mimi/`)."""
+             dtype: torch.dtype = torch.float32, *, staged_fp32: bool = False) -> "Dia2Engine":
+        """A baked or published model directory (config.json, model.safetensors, tokenizer.json; Mimi in `mimi/`).
+
+        `staged_fp32` loads the naive way (see checkpoint.load_weights), for the cold-start baseline.
+        """
         from .mimi import load_mimi
+        from .timing import PHASES
 
         model_dir, device = Path(model_dir), torch.device(device)
-        config = Dia2Config.load(model_dir / "config.json")
-        tensors = load_weights(model_dir, config, device, dtype)
-        model = build_model(config, tensors)
-        codec = load_mimi(Path(mimi_dir) if mimi_dir else model_dir / "mimi", device=device, dtype=dtype)
+        with PHASES.phase("config"):
+            config = Dia2Config.load(model_dir / "config.json")
+        with PHASES.phase("tokenizer"):
+            tokenizer = Dia2Tokenizer.from_dir(model_dir)
+        tensors = load_weights(model_dir, config, device, dtype, staged_fp32=staged_fp32)
+        with PHASES.phase("model"):
+            model = build_model(config, tensors)
+        with PHASES.phase("mimi"):
+            codec = load_mimi(Path(mimi_dir) if mimi_dir else model_dir / "mimi", device=device, dtype=dtype)
         if codec.num_codebooks < config.num_codebooks:
             raise ValueError(f"Mimi has {codec.num_codebooks} codebooks but the model needs {config.num_codebooks}")
-        return cls(config, model, Dia2Tokenizer.from_dir(model_dir), codec, device)
+        return cls(config, model, tokenizer, codec, device)
 
     # ----------------------------------------------------------------- planning (host side)
 

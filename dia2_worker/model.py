@@ -18,6 +18,29 @@ from torch import nn
 from .config import Dia2Config, StackConfig
 
 
+class Linear(nn.Module):
+    """y = x W^T. Parameters are created empty: they always come from a checkpoint, and skipping the
+    random init keeps building the model (on the meta device) instant."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    """Rows of a table; created empty, like Linear."""
+
+    def __init__(self, num: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.weight)
+
+
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name in ("silu", "swish", "swiglu"):
         return F.silu
@@ -61,8 +84,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, activations: tuple[str, str]) -> None:
         super().__init__()
-        self.wi = nn.Linear(dim, 2 * hidden, bias=False)
-        self.wo = nn.Linear(hidden, dim, bias=False)
+        self.wi = Linear(dim, 2 * hidden)
+        self.wo = Linear(hidden, dim)
         self.act_gate, self.act_up = activation(activations[0]), activation(activations[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,9 +99,9 @@ class TextEmbedding(nn.Module):
     def __init__(self, vocab: int, dim: int, rank: int | None, pad_id: int) -> None:
         super().__init__()
         rank = rank or dim
-        self.embedding = nn.Embedding(vocab, rank)
-        self.main_proj = nn.Linear(rank, dim, bias=False)
-        self.second_proj = nn.Linear(rank, dim, bias=False)
+        self.embedding = Embedding(vocab, rank)
+        self.main_proj = Linear(rank, dim)
+        self.second_proj = Linear(rank, dim)
         self.pad_id = pad_id
 
     def forward(self, main: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -112,8 +135,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.gqa_query_heads, cfg.kv_heads, cfg.gqa_head_dim
         width = (self.heads + 2 * self.kv_heads) * self.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, width, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.n_embd, bias=False)
+        self.qkv = Linear(cfg.n_embd, width)
+        self.o_proj = Linear(self.heads * self.head_dim, cfg.n_embd)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
 
@@ -157,11 +180,11 @@ class Backbone(nn.Module):
         self.num_codebooks, self.audio_vocab = data.num_codebooks, data.audio_vocab_size
         self.text_embed = TextEmbedding(data.text_vocab_size, cfg.n_embd, cfg.low_rank_dim, data.text_pad_token_id)
         # The C per-codebook tables stacked into one [C * V, E] table: one gather per frame.
-        self.audio_embed = nn.Embedding(data.num_codebooks * data.audio_vocab_size, cfg.n_embd)
+        self.audio_embed = Embedding(data.num_codebooks * data.audio_vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(BackboneLayer(cfg, config.model.norm_eps) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, config.model.norm_eps)
-        self.action_head = nn.Linear(cfg.n_embd, data.action_vocab_size, bias=False)
-        self.cb0_head = nn.Linear(cfg.n_embd, data.audio_vocab_size, bias=False)
+        self.action_head = Linear(cfg.n_embd, data.action_vocab_size)
+        self.cb0_head = Linear(cfg.n_embd, data.audio_vocab_size)
 
     def forward(self, tokens: torch.Tensor, rope: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 kv_len: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,8 +213,8 @@ class StageAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = cfg.gqa_query_heads, cfg.gqa_head_dim
         inner = self.heads * self.head_dim
-        self.in_proj = nn.ModuleDict({str(g): nn.Linear(cfg.n_embd, 3 * inner, bias=False) for g in groups})
-        self.out_proj = nn.ModuleDict({str(g): nn.Linear(inner, cfg.n_embd, bias=False) for g in groups})
+        self.in_proj = nn.ModuleDict({str(g): Linear(cfg.n_embd, 3 * inner) for g in groups})
+        self.out_proj = nn.ModuleDict({str(g): Linear(inner, cfg.n_embd) for g in groups})
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
 
@@ -229,16 +252,16 @@ class Depformer(nn.Module):
         stages, groups = config.num_stages, config.weight_groups
         self.schedule = config.runtime.weights_schedule
         self.vocab_limit = config.stage_vocab
-        self.audio_embeds = nn.ModuleList(nn.Embedding(data.audio_vocab_size, cfg.n_embd) for _ in range(stages))
+        self.audio_embeds = nn.ModuleList(Embedding(data.audio_vocab_size, cfg.n_embd) for _ in range(stages))
         self.text_embed = (
             TextEmbedding(data.text_vocab_size, cfg.n_embd, None, data.text_pad_token_id)
             if cfg.text_embedding else None
         )
         backbone_width = config.model.decoder.n_embd
-        self.depformer_in = nn.ModuleDict({str(g): nn.Linear(backbone_width, cfg.n_embd, bias=False) for g in groups})
+        self.depformer_in = nn.ModuleDict({str(g): Linear(backbone_width, cfg.n_embd) for g in groups})
         self.layers = nn.ModuleList(DepformerLayer(cfg, groups, config.model.norm_eps) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, config.model.norm_eps)
-        self.logits = nn.ModuleList(nn.Linear(cfg.n_embd, data.audio_vocab_size, bias=False) for _ in range(stages))
+        self.logits = nn.ModuleList(Linear(cfg.n_embd, data.audio_vocab_size) for _ in range(stages))
 
     def forward(self, stage: int, hidden: torch.Tensor, prev_audio: torch.Tensor, main: torch.Tensor,
                 second: torch.Tensor, rope: torch.Tensor | None, cache: KVCache) -> torch.Tensor:

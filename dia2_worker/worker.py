@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
 from .jobs import WorkerConfigError, WorkerLimits
+from .timing import PHASES
 
 log = logging.getLogger("dia2_worker")
 
@@ -106,6 +107,33 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     return text in ("1", "true", "yes", "on")
 
 
+def _init_cuda(device: str) -> None:
+    import torch
+
+    with PHASES.phase("cuda context"):
+        torch.empty(1, device=device)
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """How the process gets ready. The defaults are the fast path; `baseline()` is the naive path the
+    cold-start measurement compares with: everything imported up front, one step after another, weights
+    read as float32 on the host then moved and cast, no warm-up (the first job pays for it)."""
+
+    overlap: bool = True
+    warm_up: bool = True
+    staged_fp32: bool = False
+    eager_imports: bool = False
+
+    @classmethod
+    def baseline(cls) -> "StartOptions":
+        return cls(overlap=False, warm_up=False, staged_fp32=True, eager_imports=True)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "StartOptions":
+        return cls.baseline() if _flag(env, "DIA2_START_BASELINE", False) else cls()
+
+
 class WorkerService:
     """A loaded, warmed model behind a scheduler, and the per-job entry point RunPod calls."""
 
@@ -114,22 +142,27 @@ class WorkerService:
         self.max_concurrency = settings.max_concurrency or scheduler.slots
 
     @classmethod
-    def load(cls, env: Mapping[str, str]) -> "WorkerService":
+    def load(cls, env: Mapping[str, str], options: StartOptions = StartOptions()) -> "WorkerService":
         """Everything before the first job: settings, weights, codec, storage, scheduler, warm-up."""
-        import torch
+        with PHASES.phase("import torch"):
+            import torch
 
-        from .engine import Dia2Engine
-        from .runner import JobRunner, RunnerSettings
-        from .scheduler import Scheduler
-        from .storage import StorageSettings, make_storage
+        with PHASES.phase("import dia2_worker"):
+            from .engine import Dia2Engine
+            from .runner import JobRunner, RunnerSettings
+            from .scheduler import Scheduler
+            from .storage import StorageSettings, make_storage
 
         started = time.monotonic()
         settings = WorkerSettings.from_env(env)
+        if settings.device.startswith("cuda") and options.overlap:  # the CUDA context, while files are read
+            threading.Thread(target=_init_cuda, args=(settings.device,), name="dia2-cuda-init", daemon=True).start()
         logging.getLogger("dia2_worker").setLevel(settings.log_level)
         limits = WorkerLimits.from_env(env)
         storage_settings = StorageSettings.from_env(env)
         storage = make_storage(storage_settings)
-        engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype))
+        engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype),
+                                 staged_fp32=options.staged_fp32)
         max_duration = engine.config.runtime.max_context_steps / 12.5
         if limits.max_duration_s > max_duration:
             if env.get("MAX_DURATION_S"):
@@ -140,15 +173,18 @@ class WorkerService:
         slots = settings.slots or default_slots(engine, length)
         log.info("slots: %d generations of up to %d frames, %.1f MiB of cache each", slots, length,
                  slot_bytes(engine, length) / 2**20)
-        scheduler = Scheduler(engine, slots, length, decode_audio=True, graphs=settings.cuda_graphs,
-                              lag=2 if settings.cuda_graphs else 0)
+        with PHASES.phase("scheduler (caches, graphs)"):
+            scheduler = Scheduler(engine, slots, length, decode_audio=True, graphs=settings.cuda_graphs,
+                                  lag=2 if settings.cuda_graphs else 0)
         runner = JobRunner(scheduler, storage, limits, RunnerSettings(
             inline_audio_max_bytes=settings.inline_audio_max_bytes,
             spool_dir=storage_settings.output_dir / "spool",
             job_timeout_s=settings.job_timeout_s,
         ))
         service = cls(settings, runner, scheduler)
-        service.warm_up()
+        if options.warm_up:
+            with PHASES.phase("warm-up"):
+                service.warm_up()
         log.info("ready in %.2f s: %s on %s (%s), %d slots, concurrency %d", time.monotonic() - started,
                  settings.model_dir, settings.device, settings.dtype, slots, service.max_concurrency)
         return service
@@ -187,6 +223,31 @@ class WorkerService:
                          extra=tag)
             yield item
 
+    def write_startup_report(self, path: str) -> None:
+        """Cold-start measurement (`DIA2_STARTUP_REPORT`): run one job to its end, timing its first audio,
+        then write every start-up phase and the job's timings as JSON."""
+        import asyncio
+        import json
+
+        ready_s = PHASES.now()
+        probe = {"text": "[S1] Hello there, how are you today? [S2] Fine, thanks.", "seed": 1, "chunk_ms": 80}
+
+        async def first_job() -> dict:
+            first_audio_s = None
+            async for item in self.handle({"id": "startup-probe", "input": probe}):
+                if first_audio_s is None and item.get("type") == "audio":
+                    first_audio_s = PHASES.now()
+                if "error" in item:
+                    raise RuntimeError(f"startup probe failed: {item['error']}")
+            return {"submitted_s": ready_s, "first_audio_s": first_audio_s,
+                    "ttfa_ms": (first_audio_s - ready_s) * 1000, "metrics": item["metrics"]}
+
+        report = {"ready_s": ready_s, "phases": PHASES.records, "first_job": asyncio.run(first_job()),
+                  "settings": {"model_dir": str(self.settings.model_dir), "device": self.settings.device,
+                               "dtype": self.settings.dtype, "cuda_graphs": self.settings.cuda_graphs}}
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
     def concurrency(self, current: int) -> int:
         """Constant on purpose: the SDK drains every running job before it acts on a change."""
         return self.max_concurrency
@@ -212,30 +273,53 @@ def default_slots(engine, length: int) -> int:
 
 
 class Loading:
-    """The service being loaded on a background thread, so the caller can import other things meanwhile."""
+    """The service being loaded on a background thread, so the caller can import the SDK meanwhile."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], options: StartOptions) -> None:
+        self.options = options
         self._service: WorkerService | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._load, args=(dict(env),), name="dia2-load", daemon=True)
-        self._thread.start()
+        if options.overlap:
+            self._thread.start()
+        else:
+            if options.eager_imports:
+                _import_everything()
+            self._thread.run()
 
     def _load(self, env: dict[str, str]) -> None:
         try:
-            self._service = WorkerService.load(env)
+            self._service = WorkerService.load(env, self.options)
         except BaseException as exc:  # reported to the main thread by result()
             self._error = exc
 
     def result(self) -> WorkerService:
-        self._thread.join()
+        if self.options.overlap:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self._service
 
 
+def _import_everything() -> None:
+    """The baseline's imports: the SDK, the storage client and the model stack, one after another."""
+    import importlib
+    import importlib.util
+
+    for name in ("runpod", "torch", "boto3", "numpy", "soundfile", "tokenizers", "safetensors", "transformers"):
+        if importlib.util.find_spec(name) is not None:
+            with PHASES.phase(f"import {name}"):
+                importlib.import_module(name)
+
+
 def start_loading(env: Mapping[str, str] | None = None) -> Loading:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return Loading(os.environ if env is None else env)
+    # Torch runs on two threads here (loading, then the scheduler). With OpenMP's default spin-waiting, the
+    # idle team of one thread burns the cores the other needs: measured 10x slower CPU steps. Before torch
+    # is imported, so libgomp reads it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env = os.environ if env is None else env
+    return Loading(env, StartOptions.from_env(env))
 
 
 class SdkLogHandler(logging.Handler):
