@@ -109,7 +109,7 @@ def random_mimi(config_dict: dict, seed: int, device: torch.device | str, dtype:
     skeleton = MimiCodec.skeleton(config)
     shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     skeleton.load_state_dict(random_tensors(shapes, seed, device, dtype), strict=True, assign=True)
-    return skeleton.eval().requires_grad_(False)
+    return skeleton.to(device).eval().requires_grad_(False)  # non-persistent buffers (RoPE) too
 
 
 def random_engine(config_dict: dict, mimi_config: dict, device: torch.device | str = "cpu",

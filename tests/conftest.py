@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# Before torch loads: torch runs on several threads in these tests (loading, schedulers, servers), and
+# OpenMP's default spin-waiting makes them fight over the cores (the worker sets the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1.7
+# dia2-worker: Dia2 on RunPod serverless, with the weights baked into the image.
+#
+#   docker build -t dia2-worker --build-arg MODEL=nari-labs/Dia2-2B --build-arg MODEL_REVISION=<commit> .
+#   docker build -t dia2-worker:demo --build-arg DEMO=1 .           # tiny random model, no download
+#   (gated or private repos: add --secret id=hf_token,env=HF_TOKEN)
+#
+# Layers, largest and least often changed first: the Python environment (torch with its CUDA libraries),
+# then the baked weights, then our code (small, changes most).
+
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+# --- the Python environment: pinned requirements in a venv that the runtime stage copies whole
+FROM ${PYTHON_IMAGE} AS deps
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-compile -r /tmp/requirements.txt \
+    && find /opt/venv -name "__pycache__" -prune -exec rm -rf {} + \
+    && python -m compileall -q -j 0 /opt/venv/lib
+
+# --- the weights: downloaded and converted once into the serving layout (bf16, engine order, manifest)
+FROM deps AS weights
+ARG MODEL=nari-labs/Dia2-2B
+ARG MODEL_REVISION=main
+ARG MIMI=kyutai/mimi
+ARG MIMI_REVISION=main
+ARG DTYPE=bfloat16
+ARG DEMO=0
+WORKDIR /build
+COPY bake_weights.py ./
+COPY dia2_worker ./dia2_worker
+ENV HF_HOME=/cache/huggingface
+RUN --mount=type=secret,id=hf_token,env=HF_TOKEN --mount=type=cache,target=/cache/huggingface \
+    if [ "$DEMO" = "1" ]; then \
+        python bake_weights.py --demo --out /models/dia2; \
+    else \
+        python bake_weights.py --model "$MODEL" --revision "$MODEL_REVISION" --mimi "$MIMI" \
+            --mimi-revision "$MIMI_REVISION" --dtype "$DTYPE" --out /models/dia2; \
+    fi \
+    && python bake_weights.py --verify /models/dia2
+
+# --- the runtime: venv, weights, code; nothing from the build stages' caches
+FROM ${PYTHON_IMAGE} AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=weights /models/dia2 /models/dia2
+WORKDIR /app
+COPY handler.py test_input.json ./
+COPY dia2_worker ./dia2_worker
+RUN python -m compileall -q dia2_worker handler.py
+ENV PATH=/opt/venv/bin:$PATH \
+    MODEL_DIR=/models/dia2 \
+    HF_HUB_OFFLINE=1 \
+    PYTHONUNBUFFERED=1 \
+    RUNPOD_LOG_LEVEL=INFO \
+    OMP_WAIT_POLICY=PASSIVE
+CMD ["python", "-u", "handler.py"]
