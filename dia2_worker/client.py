@@ -85,10 +85,23 @@ class WavWriter:
             self.file.close()
 
 
-def follow(api: Api, job_input: dict, out: Path, poll_s: float = 0.2, timeout_s: float = 3600.0) -> dict:
+def submit(api: Api, job_input: dict, wait_s: float) -> str:
+    """/run, retried while the endpoint does not accept connections yet (a worker still starting)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return api.run(job_input)
+        except urllib.error.URLError as exc:
+            if time.monotonic() > deadline:
+                raise JobFailed(f"{api.base_url} is not reachable: {exc.reason}") from None
+            time.sleep(0.25)
+
+
+def follow(api: Api, job_input: dict, out: Path, poll_s: float = 0.2, timeout_s: float = 3600.0,
+           wait_s: float = 0.0) -> dict:
     """Submit, then write streamed audio as it comes; returns the result item with client-side timings."""
+    job_id = submit(api, job_input, wait_s)
     started = time.monotonic()
-    job_id = api.run(job_input)
     writer, result, first_audio_s = WavWriter(out), None, None
     try:
         while True:
@@ -135,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="WAV file to write")
     parser.add_argument("--play", action="store_true", help="play the WAV when done (ffplay, aplay or afplay)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    parser.add_argument("--wait", type=float, default=0.0,
+                        help="keep retrying the submission this long while the endpoint is not up yet")
     args = parser.parse_args(argv)
 
     if args.input:
@@ -150,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         api = Api(args.url, None, local=True, timeout=args.timeout)
     try:
-        result = follow(api, job_input, args.out, timeout_s=args.timeout)
+        result = follow(api, job_input, args.out, timeout_s=args.timeout, wait_s=args.wait)
     except JobFailed as exc:
         print(f"job failed: {exc}", file=sys.stderr)
         return 1

@@ -8,11 +8,30 @@ writes rows of joining generations (with ordinary kernels on the same stream) an
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .engine import Dia2Engine, GenerationState, StepOutput
 
 WARMUP_STEPS = 2
+
+
+def capture(call: Callable[[], object], warmup: int = WARMUP_STEPS) -> tuple[Callable[[], None], object]:
+    """`call` captured as one CUDA graph: run a few times on a side stream first (allocator, cuBLAS
+    workspaces, lazily built tables), then recorded. Returns the replay function and what the captured
+    call returned (its output tensors, rewritten by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = call()
+    torch.cuda.synchronize()
+    return graph.replay, output
 
 
 class StepGraph:
@@ -25,18 +44,8 @@ class StepGraph:
     def __init__(self, engine: Dia2Engine, state: GenerationState, kv_len: int) -> None:
         if state.frame.device.type != "cuda":
             raise ValueError("CUDA graphs need the state on a CUDA device")
-        self.engine, self.state, self.kv_len = engine, state, kv_len
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside capture: allocator, cuBLAS workspaces, lazy tables
-            for _ in range(WARMUP_STEPS):
-                engine.step(state, kv_len)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = engine.step(state, kv_len)
-        torch.cuda.synchronize()
+        self._replay, self.output = capture(lambda: engine.step(state, kv_len))
 
     def replay(self) -> StepOutput:
-        self.graph.replay()
+        self._replay()
         return self.output

@@ -16,7 +16,6 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .engine import NOT_SET, AudioFrame, Dia2Engine, GenerationPlan, GenerationRequest, OutputWindow, Word
@@ -84,8 +83,9 @@ class BatchRunner:
 
     def __init__(self, engine: Dia2Engine, slots: int, length: int, *, decode_audio: bool,
                  max_entries: int | None = None, max_tokens: int | None = None, lag: int = 0,
-                 graphs: bool = False) -> None:
+                 graphs: bool = False, host_sync: bool = False) -> None:
         self.engine = engine
+        self.host_sync = host_sync  # the reference-like baseline: every sampled token read back at once
         self.state = engine.new_state(slots, length, max_entries, max_tokens)
         self.slots: list[Slot | None] = [None] * slots
         self.lag = lag
@@ -147,7 +147,8 @@ class BatchRunner:
 
     def _launch(self) -> None:
         engine = self.engine
-        out = self._graph.replay() if self._graph else engine.step(self.state, kv_len=self.state.cache.length)
+        out = (self._graph.replay() if self._graph
+               else engine.step(self.state, kv_len=self.state.cache.length, host_sync=self.host_sync))
         packed = torch.cat([out.frame_tokens, torch.stack(
             [out.frame_index, out.word_entry, out.first_word_frame, out.done.long(), out.frame], dim=1)], dim=1)
         ready = None

@@ -34,7 +34,7 @@ from dia2_worker.storage import (
     StoredObject,
     make_storage,
 )
-from s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, Fault, FaultProxy, MotoServer, bucket_env
+from s3_server import Fault, FaultProxy, MotoServer, bucket_env
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE = 11 * MIB  # three parts at the 5 MiB threshold the tests use

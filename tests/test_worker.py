@@ -7,13 +7,10 @@ import base64
 import hashlib
 import io
 import json
-import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 

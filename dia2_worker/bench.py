@@ -1,0 +1,537 @@
+"""Dia2 generation speed per execution mode, side by side, on random weights of the published shapes.
+
+  python -m dia2_worker.bench [--shape tiny|1b|2b] [--frames N] [--modes reference-like,eager-fp32,...]
+                              [--concurrency 1,2,4,...] [--device cpu|cuda] [--seed S] [--threads T] [--json OUT]
+
+Every speed-up is a ratio measured in one run, so each mode is one switch away from the next:
+`reference-like` is the original runtime's choices (float32, every sampled token read back to the host as
+it is drawn, outputs read at once), `eager-fp32` drops the host round trips (outputs read back two steps
+late), `eager-bf16` halves the bytes, `graph` replays the whole step as one CUDA graph. Per mode: ms per
+frame (p50/p90 of the interval between step completions, CUDA events on a GPU), an eager profiling pass
+that splits a step into backbone / depformer / the rest (CFG, sampling, text machine, bookkeeping, host
+syncs), one streaming Mimi decode call per frame, RTF, time to first audio (submit -> first PCM on the
+host) and peak GPU memory; and token checks: greedy and seeded tokens equal to the first mode of the same
+dtype, seeded sampling repeating exactly. `--concurrency` instead runs one mode at each batch size: the
+same timings, audio seconds per wall second, whether the batch keeps real time, and the time to first
+audio of a job joining the loaded batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .engine import Dia2Engine, GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest
+from .graphs import capture
+from .mimi.bench import machine
+from .mimi.streaming import StreamingDecoder
+from .random_model import DEMO_CONFIG, DEMO_MIMI_CONFIG, random_engine
+from .scheduler import BatchRunner, Emitted, Slot
+from .shapes import parameter_count, published_config
+
+SHAPES = ("tiny", "1b", "2b")
+WARMUP_FRAMES = 3
+"""Untimed steps before timing (allocator, kernel and library warm-up); token checks cover them too."""
+TTFA_REPEATS = 3
+"""Time to first audio is the median of this many joins."""
+LAG = 2
+"""Steps in flight before their outputs are read back, for every mode but reference-like."""
+SCRIPT = ("[S1] Hello there, how have you been lately? [S2] Busy, honestly, but the new project is going "
+          "well and we ship next week.")
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a step is executed; the model and its tokens are the same in every mode of one dtype."""
+
+    dtype: torch.dtype
+    host_sync: bool  # read each sampled token back to the host as it is drawn (per stage)
+    lag: int         # steps in flight before their outputs are read back
+    graphs: bool     # the whole step replayed as one CUDA graph (and the Mimi decode step as another)
+
+
+MODES = {
+    "reference-like": Mode(torch.float32, host_sync=True, lag=0, graphs=False),
+    "eager-fp32": Mode(torch.float32, host_sync=False, lag=LAG, graphs=False),
+    "eager-bf16": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=False),
+    "graph": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=True),
+}
+
+
+def default_modes(device: torch.device, concurrency: bool) -> list[str]:
+    """Everything the device runs well: graphs need CUDA, and bf16 on a CPU is emulated and slow."""
+    if concurrency:
+        return ["graph" if device.type == "cuda" else "eager-fp32"]
+    if device.type == "cuda":
+        return list(MODES)
+    return ["reference-like", "eager-fp32"]
+
+
+class Clock:
+    """Marks on the device's timeline: CUDA events (recorded without waiting for the GPU), else perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> torch.cuda.Event | float:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def ms(self, start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+        """Milliseconds between two marks (on CUDA, after `sync`)."""
+        return start.elapsed_time(end) if self.cuda else 1000 * (end - start)
+
+    def each(self, call: Callable[[], object], count: int) -> list[float]:
+        """ms from one call's completion to the next's, over `count` calls: what a call costs in a loop,
+        waits and host work included, even when the calls run ahead of the device."""
+        marks = [self.mark()]
+        for _ in range(count):
+            call()
+            marks.append(self.mark())
+        self.sync()
+        return [self.ms(a, b) for a, b in zip(marks, marks[1:])]
+
+
+def build_engine(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> Dia2Engine:
+    """Random weights: "tiny" is the demo model and codec; 1b/2b the published shapes with kyutai/mimi's real
+    codec shape (an empty Mimi config is MimiConfig's defaults, the published values)."""
+    configs = (DEMO_CONFIG, DEMO_MIMI_CONFIG) if shape == "tiny" else (published_config(shape), {})
+    engine = random_engine(*configs, device, dtype, seed)
+    # random_mimi assigns the weights on `device` but leaves RoPE's non-persistent `inv_freq` buffer on the
+    # CPU, where the meta-device skeleton builds it; decoding on a GPU needs it moved.
+    engine.codec.to(device)
+    return engine
+
+
+def longest_script(engine: Dia2Engine) -> str:
+    """The longest repetition of SCRIPT that fits the model's context, so no generation ends during a run."""
+    words = SCRIPT.split() * (engine.config.runtime.max_context_steps // len(SCRIPT.split()) + 1)
+
+    def fits(count: int) -> bool:
+        try:
+            engine.check(GenerationRequest(" ".join(words[:count])))
+        except GenerationParamError:
+            return False
+        return True
+
+    low, high = 1, len(words)  # every word takes at least two frames, so all of them cannot fit
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return " ".join(words[:low])
+
+
+def requests(engine: Dia2Engine, seed: int) -> dict[str, GenerationRequest]:
+    """The two generations every mode runs: seeded sampling (the default settings, CFG included) and greedy."""
+    script = longest_script(engine)
+    return {
+        "sampled": GenerationRequest(script, GenerationParams(seed=seed)),
+        "greedy": GenerationRequest(script, GenerationParams(text_temperature=0.0, audio_temperature=0.0, seed=seed)),
+    }
+
+
+def new_runner(engine: Dia2Engine, mode: Mode, batch: int) -> BatchRunner:
+    return BatchRunner(engine, batch, engine.buffer_length(), decode_audio=False, lag=mode.lag, graphs=mode.graphs,
+                       host_sync=mode.host_sync)
+
+
+def _run(runner: BatchRunner, plans: list[GenerationPlan], steps: int, clock: Clock) -> tuple[list[Slot], list[float]]:
+    """Join every plan, then step the batch `steps` times: the slots and the ms of each step."""
+    slots = [runner.join(plan)[0] for plan in plans]
+    ms = clock.each(runner.step, steps)
+    _check_running(slots)
+    return slots, ms
+
+
+def _check_running(slots: list[Slot]) -> None:
+    if any(slot.finished for slot in slots):
+        raise RuntimeError("a generation reached the end of the model's context during the run: ask for fewer frames")
+
+
+def tokens(runner: BatchRunner, plan: GenerationPlan, steps: int, clock: Clock) -> torch.Tensor:
+    """Audio tokens [C, steps] a generation samples in its first `steps` frames (every codebook, delayed
+    layout: column t is what frame t drew). Text decisions feed the next frame's input, so they show too."""
+    (slot,), _ = _run(runner, [plan], steps, clock)
+    drawn = _drawn(runner, slot, steps)
+    runner.leave(slot)
+    return drawn
+
+
+def _drawn(runner: BatchRunner, slot: Slot, steps: int) -> torch.Tensor:
+    """A copy (on a CPU, `.cpu()` would be a view the row's next generation overwrites)."""
+    return runner.state.audio[slot.row, :, 1: steps + 1].to("cpu", copy=True)
+
+
+def first_audio_ms(runner: BatchRunner, engine: Dia2Engine, request: GenerationRequest,
+                   decoder: StreamingDecoder) -> float:
+    """Submit -> first PCM frame on the host: plan, join, step until the job's first frame, decode it."""
+    start = time.perf_counter()
+    slot, emitted = runner.join(engine.prepare(request))
+    while not emitted.frames:
+        if emitted.finished:
+            raise RuntimeError("the generation ended before its first frame")
+        emitted = runner.step().get(slot, Emitted())
+    decoder.reset()
+    decoder.decode(emitted.frames[0].tokens.view(1, -1, 1)).cpu()
+    elapsed = time.perf_counter() - start
+    runner.leave(slot)
+    return 1000 * elapsed
+
+
+def split_ms(engine: Dia2Engine, mode: Mode, plan: GenerationPlan, frames: int, clock: Clock) -> dict[str, float]:
+    """Median ms per frame of the backbone, the depformer (all stages) and the rest of the step (CFG, sampling,
+    text state machine, delay bookkeeping, host syncs), from an eager pass of `engine.step` with marks around
+    each model call. A graph replay has no such boundaries: graph mode reports its dtype's eager split."""
+    state = engine.new_state(1, plan.buffer_length)
+    engine.start(state, 0, plan)
+    opened: list[torch.cuda.Event | float] = []
+    spans: list[dict[str, list]] = []
+
+    def open_span(module, args) -> None:
+        opened.append(clock.mark())
+
+    def close_span(part: str) -> Callable:
+        def hook(module, args, output) -> None:
+            spans[-1][part].append((opened.pop(), clock.mark()))
+        return hook
+
+    model = engine.model
+    hooks = [model.transformer.register_forward_pre_hook(open_span),
+             model.transformer.register_forward_hook(close_span("backbone")),
+             model.depformer.register_forward_pre_hook(open_span),
+             model.depformer.register_forward_hook(close_span("depformer"))]
+    try:
+        for _ in range(WARMUP_FRAMES + frames):
+            spans.append({"backbone": [], "depformer": []})
+            start = clock.mark()
+            engine.step(state, state.cache.length, host_sync=mode.host_sync)
+            spans[-1]["step"] = [(start, clock.mark())]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    clock.sync()
+    per_step = [{part: sum(clock.ms(a, b) for a, b in marks) for part, marks in step.items()}
+                for step in spans[WARMUP_FRAMES:]]
+    for step in per_step:
+        step["sampling"] = step["step"] - step["backbone"] - step["depformer"]
+    return {part: statistics.median(step[part] for step in per_step)
+            for part in ("step", "backbone", "depformer", "sampling")}
+
+
+def codec_ms(engine: Dia2Engine, batch: int, frames: int, graphed: bool, clock: Clock) -> float:
+    """Median ms of one streaming Mimi decode call turning a frame of `batch` rows into PCM."""
+    codec = engine.codec
+    decoder = codec.streaming_decoder(batch)
+    codes = torch.randint(0, codec.codebook_size, (batch, engine.config.num_codebooks, 1), device=codec.device)
+    decode = capture(lambda: decoder.step(codes), WARMUP_FRAMES)[0] if graphed else (lambda: decoder.step(codes))
+    clock.each(decode, WARMUP_FRAMES)
+    decoder.reset()
+    return statistics.median(clock.each(decode, frames))
+
+
+def measure(engine: Dia2Engine, mode: Mode, batch: int, frames: int, request: GenerationRequest,
+            clock: Clock) -> tuple[dict[str, float], BatchRunner, torch.Tensor]:
+    """`batch` generations (seeds seed, seed + 1, ...) stepped together for WARMUP_FRAMES + `frames` steps,
+    then the time to first audio of a job joining while the other batch - 1 keep running, and the streaming
+    decode of a frame of `batch` rows. Returns the timings, the runner (all slots free) and row 0's tokens."""
+    runner = new_runner(engine, mode, batch)
+    plans = [engine.prepare(replace(request, params=replace(request.params, seed=request.params.seed + row)))
+             for row in range(batch)]
+    steps = WARMUP_FRAMES + frames
+    slots, ms = _run(runner, plans, steps, clock)
+    drawn = _drawn(runner, slots[0], steps)
+    runner.leave(slots[-1])
+    decoder = engine.codec.streaming_decoder(1)
+    decoder.decode(torch.zeros(1, engine.config.num_codebooks, 1, dtype=torch.long))  # warm-up
+    ttfa = [first_audio_ms(runner, engine, request, decoder) for _ in range(TTFA_REPEATS)]
+    _check_running(slots[:-1])
+    for slot in slots[:-1]:
+        runner.leave(slot)
+    timed = ms[WARMUP_FRAMES:]
+    return {
+        "ms_per_frame_p50": float(np.percentile(timed, 50)),
+        "ms_per_frame_p90": float(np.percentile(timed, 90)),
+        "ms_per_frame_mean": statistics.fmean(timed),
+        "codec_ms_per_frame": codec_ms(engine, batch, frames, mode.graphs, clock),
+        "ttfa_ms": statistics.median(ttfa),
+    }, runner, drawn
+
+
+def entry(engine: Dia2Engine, shape: str, name: str, batch: int, frames: int, timings: dict[str, float],
+          split: dict[str, float] | None = None, checks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One `results` entry; peak memory is what the device has held since the entry's `_reset_peak`.
+
+    RTF and real time count the codec too: a served frame is a step plus its decode."""
+    device, mode = engine.device, MODES[name]
+    frame_ms = 1000 * engine.codec.frame_size / engine.codec.sample_rate
+    codec = timings["codec_ms_per_frame"]
+    return {
+        "device": device_name(device), "shape": shape, "mode": name, "dtype": str(mode.dtype).removeprefix("torch."),
+        "batch": batch, "frames": frames, **timings,
+        "codec_graphed": mode.graphs,
+        "split_ms": split,
+        "rtf": (timings["ms_per_frame_p50"] + codec) / frame_ms,
+        "audio_s_per_wall_s": batch * frame_ms / (timings["ms_per_frame_mean"] + codec),
+        "realtime": timings["ms_per_frame_p90"] + codec <= frame_ms,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "checks": checks,
+    }
+
+
+class Engines:
+    """One engine at a time, rebuilt when the dtype changes: the 2B weights in two dtypes at once would crowd
+    a CPU host and inflate the peak memory a mode reports."""
+
+    def __init__(self, shape: str, device: torch.device, seed: int) -> None:
+        self.shape, self.device, self.seed = shape, device, seed
+        self.engine: Dia2Engine | None = None
+
+    def get(self, dtype: torch.dtype) -> Dia2Engine:
+        if self.engine is None or self.engine.dtype != dtype:
+            self.engine = None
+            _release(self.device)
+            self.engine = build_engine(self.shape, self.device, dtype, self.seed)
+        return self.engine
+
+
+def mode_entry(engine: Dia2Engine, shape: str, name: str, frames: int, seed: int, clock: Clock,
+               baseline: tuple[str, dict[str, torch.Tensor]] | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """One stream in mode `name`: timings, the eager split, and token checks against `baseline` (the name and
+    tokens of the first mode of this dtype; None: this is that mode). Returns the entry and the tokens."""
+    mode, steps = MODES[name], WARMUP_FRAMES + frames
+    reqs = requests(engine, seed)
+    _reset_peak(engine.device)
+    timings, runner, sampled = measure(engine, mode, 1, frames, reqs["sampled"], clock)
+    drawn = {"sampled": sampled, "greedy": tokens(runner, engine.prepare(reqs["greedy"]), steps, clock)}
+    again = tokens(runner, engine.prepare(reqs["sampled"]), steps, clock)
+    del runner  # its state (and graph) before the split pass allocates another
+    split = split_ms(engine, mode, engine.prepare(reqs["greedy"]), frames, clock)
+    base_name, base = baseline or (None, None)
+    checks = {
+        "baseline": base_name,
+        "greedy_matches_baseline": None if base is None else torch.equal(drawn["greedy"], base["greedy"]),
+        "sampled_matches_baseline": None if base is None else torch.equal(sampled, base["sampled"]),
+        "sampling_repeats": torch.equal(sampled, again),
+    }
+    return entry(engine, shape, name, 1, frames, timings, split, checks), drawn
+
+
+def batch_entry(engine: Dia2Engine, shape: str, name: str, batch: int, frames: int, seed: int,
+                clock: Clock) -> dict[str, Any]:
+    """`batch` streams stepped together in mode `name`."""
+    _reset_peak(engine.device)
+    timings, _, _ = measure(engine, MODES[name], batch, frames, requests(engine, seed)["sampled"], clock)
+    return entry(engine, shape, name, batch, frames, timings)
+
+
+def run_modes(engines: Engines, names: list[str], frames: int, seed: int, clock: Clock) -> list[dict[str, Any]]:
+    """One stream per mode; each mode's tokens are checked against the first mode of its dtype."""
+    results, baselines = [], {}
+    for name in names:
+        dtype = MODES[name].dtype
+        result, drawn = mode_entry(engines.get(dtype), engines.shape, name, frames, seed, clock, baselines.get(dtype))
+        baselines.setdefault(dtype, (name, drawn))
+        results.append(result)
+        _release(engines.device)
+    return results
+
+
+def run_sweep(engines: Engines, names: list[str], batches: list[int], frames: int, seed: int,
+              clock: Clock) -> list[dict[str, Any]]:
+    """Each mode at each batch size."""
+    results = []
+    for name in names:
+        for batch in batches:
+            results.append(batch_entry(engines.get(MODES[name].dtype), engines.shape, name, batch, frames, seed, clock))
+            _release(engines.device)
+    return results
+
+
+def run(shape: str, device: str | torch.device, modes: list[str] | None = None, frames: int = 200, seed: int = 0,
+        concurrency: list[int] | None = None) -> dict[str, Any]:
+    """The whole benchmark as a JSON-ready report (modes: None for `default_modes`)."""
+    target = torch.device(device)
+    modes = modes or default_modes(target, bool(concurrency))
+    check_modes(target, modes)
+    engines, clock = Engines(shape, target, seed), Clock(target)
+    started = time.perf_counter()
+    if concurrency:
+        results = run_sweep(engines, modes, concurrency, frames, seed, clock)
+    else:
+        results = run_modes(engines, modes, frames, seed, clock)
+    config = engines.engine.config
+    realtime = [r["batch"] for r in results if r["realtime"]]
+    return {
+        "benchmark": "dia2 generation",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "shape": shape,
+        "model": {"parameters": parameter_count(config), "codebooks": config.num_codebooks,
+                  "max_delay": config.data.max_delay,
+                  "mimi": "demo" if shape == "tiny" else "kyutai/mimi (MimiConfig defaults)",
+                  "weights": f"random, seed {seed}"},
+        "frames": frames,
+        "warmup_frames": WARMUP_FRAMES,
+        "seed": seed,
+        "wall_s": time.perf_counter() - started,
+        "machine": {**machine(target), "cuda": torch.version.cuda,
+                    "float32_matmul_precision": torch.get_float32_matmul_precision(), **_git()},
+        "results": results,
+        "streams_realtime": (max(realtime) if realtime else 0) if concurrency else None,
+    }
+
+
+def check_modes(device: torch.device, modes: list[str]) -> None:
+    if device.type != "cuda" and any(MODES[name].graphs for name in modes):
+        raise ValueError("graph mode needs a CUDA device")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _release(device: torch.device) -> None:
+    """Free what the last measurement left (its state, graphs) so the next one's peak memory is its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _git() -> dict[str, Any]:
+    """The checkout's commit and whether it has local changes (None outside a git checkout)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("--no-optional-locks", "status", "--porcelain")
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+
+def default_json_path(report: dict[str, Any]) -> Path:
+    """bench/results/bench-<device>-<date>-<shape>[-concurrency].json"""
+    slug = re.sub(r"[^a-z0-9]+", "-", report["results"][0]["device"].lower()).strip("-")
+    kind = "-concurrency" if report["streams_realtime"] is not None else ""
+    return RESULTS_DIR / f"bench-{slug}-{report['date'][:10]}-{report['shape']}{kind}.json"
+
+
+def table(report: dict[str, Any]) -> str:
+    """A Markdown table of the results (ms unless named)."""
+    def num(value: float | None, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def check(checks: dict[str, Any] | None) -> str:
+        if checks is None:
+            return "-"
+        if checks["baseline"] is None:
+            return "baseline" + ("" if checks["sampling_repeats"] else ", seeded NOT repeating")
+        same = checks["greedy_matches_baseline"] and checks["sampled_matches_baseline"] and checks["sampling_repeats"]
+        return f"= {checks['baseline']}" if same else f"DIFFERS from {checks['baseline']}: {checks}"
+
+    head = ("mode", "batch", "p50", "p90", "backbone", "depformer", "sampling+", "codec", "RTF", "audio s/s",
+            "real time", "TTFA", "peak GB", "tokens")
+    lines = [f"{report['shape']} on {report['results'][0]['device']}, {report['frames']} frames",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["results"]:
+        split = r["split_ms"] or {}
+        row = (r["mode"], str(r["batch"]), num(r["ms_per_frame_p50"]), num(r["ms_per_frame_p90"]),
+               num(split.get("backbone")), num(split.get("depformer")), num(split.get("sampling")),
+               num(r["codec_ms_per_frame"]), num(r["rtf"], 3), num(r["audio_s_per_wall_s"], 2),
+               "yes" if r["realtime"] else "no", num(r["ttfa_ms"], 0), num(r["peak_mem_gb"], 2), check(r["checks"]))
+        lines.append("| " + " | ".join(row) + " |")
+    if report["streams_realtime"] is not None:
+        lines.append(f"largest real-time batch: {report['streams_realtime']}")
+    return "\n".join(lines)
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown modes {unknown}; known: {', '.join(MODES)}")
+    return names
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,2,4, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dia2_worker.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=SHAPES, default="2b")
+    parser.add_argument("--frames", type=_positive, default=200, help="timed frames per mode or batch size")
+    parser.add_argument("--modes", type=_names,
+                        help=f"comma-separated, of {', '.join(MODES)} (default: all the device runs well; "
+                             "with --concurrency: graph on CUDA, eager-fp32 on CPU)")
+    parser.add_argument("--concurrency", type=_sizes, help="batch sizes to sweep, e.g. 1,2,4,8")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="weights and generation seed")
+    parser.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--json", type=Path,
+                        help="where to write the report (default: bench/results/bench-<device>-<date>-<shape>...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run, print the table, write the JSON; returns the JSON's path."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_modes(torch.device(args.device), args.modes or [])
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run(args.shape, args.device, args.modes, args.frames, args.seed, args.concurrency)
+    path = args.json or default_json_path(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+if __name__ == "__main__":
+    main()
