@@ -1,9 +1,11 @@
-"""Mimi codec: golden files, transformers' MimiModel as oracle, streaming == offline, loading and CLI."""
+"""Mimi codec: golden files, transformers' MimiModel as oracle, streaming == offline (masked, batched, in a
+CUDA graph), loading and CLI."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +15,14 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dia2_worker import audio
 from dia2_worker.config import ConfigError
 from dia2_worker.mimi import MimiCheckpointError, MimiCodec, MimiConfig, load_mimi
 from dia2_worker.mimi.bench import random_published_tensors, run
 from dia2_worker.mimi.conv import LayerStates
+from dia2_worker.mimi.streaming import StreamingDecoder
 from dia2_worker.mimi.weights import published_shapes
 
 from mimi_oracle import random_oracle, spread
@@ -62,12 +66,26 @@ def random_codes(generator: torch.Generator, batch: int, codebooks: int, frames:
     return torch.randint(0, size, (batch, codebooks, frames), generator=generator)
 
 
-def random_chunks(generator: torch.Generator, total: int, stop_at: tuple[int, ...] = ()) -> list[int]:
-    """Chunk sizes 1-5 summing to `total`, cut so that every frame in `stop_at` starts a chunk."""
+def state_tensors(decoder: StreamingDecoder) -> list[tuple[torch.Tensor, int]]:
+    """Every state tensor of a streaming decoder, with its batch dimension."""
+    state = decoder.state
+    found = [(state.transformer.keys, 1), (state.transformer.values, 1), (state.transformer.slot_step, 0),
+             (state.transformer.next_step, 0), (state.upsample.data, 0)]
+    stack = [state.seanet]
+    while stack:
+        for item in stack.pop().items:
+            if isinstance(item, LayerStates):
+                stack.append(item)
+            elif item is not None:
+                found.append((item.data, 0))
+    return found
+
+
+def random_chunks(generator: torch.Generator, total: int) -> list[int]:
+    """Chunk sizes 1-5 summing to `total`."""
     sizes, done = [], 0
     while done < total:
         n = min(int(torch.randint(1, 6, (1,), generator=generator)), total - done)
-        n = min([n] + [s - done for s in stop_at if s > done])
         sizes.append(n)
         done += n
     return sizes
@@ -206,34 +224,6 @@ def test_streaming_equals_offline(which: str, request: pytest.FixtureRequest) ->
         assert max_diff(torch.cat(pieces, dim=2), codec.decode(codes)) <= 1e-4
 
 
-def test_streaming_batch_with_reset(lively: MimiCodec) -> None:
-    """Rows of different lengths decode independently; row 1 restarts on a new sequence midway."""
-    codec = lively
-    generator = torch.Generator().manual_seed(3)
-    size, fs = codec.codebook_size, codec.frame_size
-    total, restart = 304, 137
-    first = random_codes(generator, 1, 8, total, size)            # row 0: all calls
-    before = random_codes(generator, 1, 8, restart, size)         # row 1: until the reset
-    after = random_codes(generator, 1, 8, total - restart, size)  # row 1: after it
-    short = random_codes(generator, 1, 8, 201, size)              # row 2: ends early, then gets filler
-    filler = random_codes(generator, 1, 8, total - 201, size)
-    feeds = torch.cat([first, torch.cat([before, after], dim=2), torch.cat([short, filler], dim=2)])
-
-    decoder = codec.streaming_decoder(3)
-    pieces, start = [], 0
-    for n in random_chunks(generator, total, stop_at=(restart,)):
-        if start == restart:
-            decoder.reset([1])
-        pieces.append(decoder.decode(feeds[:, :, start: start + n]))
-        start += n
-    out = torch.cat(pieces, dim=2)
-
-    assert max_diff(out[0:1], codec.decode(first)) <= 1e-4
-    assert max_diff(out[1:2, :, : restart * fs], codec.decode(before)) <= 1e-4
-    assert max_diff(out[1:2, :, restart * fs:], codec.decode(after)) <= 1e-4
-    assert max_diff(out[2:3, :, : 201 * fs], codec.decode(short)) <= 1e-4
-
-
 def test_streaming_reset_forms(lively: MimiCodec) -> None:
     """reset(None) restarts all rows, a bool mask the rows it selects; bad rows are refused."""
     codec = lively
@@ -257,28 +247,183 @@ def test_streaming_state_is_fixed_size(codec: MimiCodec) -> None:
     ordinary tensors (not inference tensors) even when the decoder is made in inference mode."""
     with torch.inference_mode():
         decoder = codec.streaming_decoder(2)
-
-    def tensors() -> list[torch.Tensor]:
-        state = decoder.state
-        found = [state.transformer.keys, state.transformer.values, state.transformer.slot_step,
-                 state.transformer.next_step, state.upsample.data]
-        stack = [state.seanet]
-        while stack:
-            for item in stack.pop().items:
-                if isinstance(item, LayerStates):
-                    stack.append(item)
-                elif item is not None:
-                    found.append(item.data)
-        return found
-
-    before = [(t.data_ptr(), t.shape) for t in tensors()]
-    assert len(before) > 10 and not any(t.is_inference() for t in tensors())
+    tensors = [t for t, _ in state_tensors(decoder)]
+    before = [(t.data_ptr(), t.shape) for t in tensors]
+    assert len(before) > 10 and not any(t.is_inference() for t in tensors)
     assert decoder.state.transformer.keys.shape[3] == codec.config.sliding_window
     codes = random_codes(torch.Generator().manual_seed(5), 2, 8, 130, codec.codebook_size)
     for start in range(0, 130, 5):
-        decoder.decode(codes[:, :, start: start + 5])
-    assert [(t.data_ptr(), t.shape) for t in tensors()] == before
+        decoder.decode(codes[:, :, start: start + 5], active=[0, 1] if start % 10 else None)
+    assert [(t.data_ptr(), t.shape) for t, _ in state_tensors(decoder)] == before
     assert decoder.state.transformer.next_step.tolist() == [260, 260]
+
+
+class MaskedFeed:
+    """Rows fed as the scheduler feeds one batched decoder: each call carries the next n frames of a random
+    subset of rows, the other rows get garbage codes (and must keep their state); a row that has decoded
+    a sequence moves on to its next one through a reset, and one with none left only ever gets garbage."""
+
+    def __init__(self, generator: torch.Generator, sequences: list[list[torch.Tensor]], codebook_size: int,
+                 max_frames: int) -> None:
+        self.generator, self.sequences = generator, sequences  # per row: code sequences [1, K, T], in order
+        self.codebook_size, self.max_frames = codebook_size, max_frames
+        self.current = [0] * len(sequences)  # the sequence each row is on
+        self.fed = [0] * len(sequences)      # frames of it fed so far
+        self.outputs: list[list[list[torch.Tensor]]] = [[[] for _ in row] for row in sequences]
+        self.last_rows: list[int] = []
+
+    def left(self, row: int) -> int:
+        return self.sequences[row][self.current[row]].shape[2] - self.fed[row]
+
+    def next_call(self) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """(rows to reset first, codes [B, K, n], active [B]) of the next call, or None when all is fed."""
+        rows = range(len(self.sequences))
+        resets = [r for r in rows if self.left(r) == 0 and self.current[r] + 1 < len(self.sequences[r])]
+        for r in resets:
+            self.current[r], self.fed[r] = self.current[r] + 1, 0
+        most = max(self.left(r) for r in rows)
+        if most == 0:
+            return None
+        n = min(int(torch.randint(1, self.max_frames + 1, (1,), generator=self.generator)), most)
+        draw = torch.rand(len(self.sequences), generator=self.generator) < 0.6
+        active = torch.tensor([self.left(r) >= n for r in rows]) & draw
+        codes = random_codes(self.generator, len(self.sequences), self.sequences[0][0].shape[1], n,
+                             self.codebook_size)
+        self.last_rows = [r for r in rows if active[r]]
+        for r in self.last_rows:
+            codes[r] = self.sequences[r][self.current[r]][0, :, self.fed[r]: self.fed[r] + n]
+            self.fed[r] += n
+        return resets, codes, active
+
+    def record(self, out: torch.Tensor) -> None:
+        """Keep the samples of the last call's active rows."""
+        for r in self.last_rows:
+            self.outputs[r][self.current[r]].append(out[r])
+
+    def check(self, codec: MimiCodec) -> None:
+        """Every sequence, put together from its rows' active calls, is its offline decode."""
+        for row, sequences in enumerate(self.sequences):
+            for sequence, pieces in zip(sequences, self.outputs[row], strict=True):
+                assert max_diff(torch.cat(pieces, dim=-1), codec.decode(sequence)[0]) <= 1e-4, row
+
+
+def masked_feed(codec: MimiCodec, seed: int, max_frames: int) -> MaskedFeed:
+    """Four rows of 300+ frames each (the window is 125 frames), two of them restarting midway."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [[310], [140, 180], [300], [150, 160]]
+    sequences = [[random_codes(generator, 1, 8, n, codec.codebook_size) for n in row] for row in lengths]
+    return MaskedFeed(generator, sequences, codec.codebook_size, max_frames)
+
+
+@pytest.mark.parametrize("which", ["fixture", "lively"])
+def test_masked_streaming_equals_offline(which: str, request: pytest.FixtureRequest) -> None:
+    """Random rows active per call (1-3 frames each), garbage codes elsewhere, resets midway, rows finishing
+    early; calls with every row active go unmasked: each row's active outputs are its own offline decode."""
+    codec = request.getfixturevalue("codec" if which == "fixture" else "lively")
+    feed = masked_feed(codec, seed=7, max_frames=3)
+    decoder = codec.streaming_decoder(4)
+    while (call := feed.next_call()) is not None:
+        resets, codes, active = call
+        if resets:
+            decoder.reset(resets)
+        out = decoder.decode(codes, None if active.all() else active)
+        assert out.shape == (4, 1, codes.shape[2] * codec.frame_size)
+        feed.record(out)
+    feed.check(codec)
+
+
+@pytest.mark.parametrize("which", ["fixture", "lively"])
+def test_masked_call_keeps_inactive_state(which: str, request: pytest.FixtureRequest) -> None:
+    """After a masked call, every state tensor of the inactive rows is bitwise what it was (the KV ring
+    has wrapped, the rows' step counters differ); the active rows moved on."""
+    codec = request.getfixturevalue("codec" if which == "fixture" else "lively")
+    generator = torch.Generator().manual_seed(8)
+    decoder = codec.streaming_decoder(4)
+    decoder.decode(random_codes(generator, 4, 8, 140, codec.codebook_size))
+    decoder.decode(random_codes(generator, 4, 8, 3, codec.codebook_size), active=[0, 3])
+    before = [t.clone() for t, _ in state_tensors(decoder)]
+
+    decoder.decode(random_codes(generator, 4, 8, 2, codec.codebook_size), torch.tensor([True, False, True, False]))
+    inactive = torch.tensor([1, 3])
+    for (tensor, dim), old in zip(state_tensors(decoder), before, strict=True):
+        assert torch.equal(tensor.index_select(dim, inactive), old.index_select(dim, inactive))
+    assert decoder.state.transformer.next_step.tolist() == [290, 280, 284, 286]
+    assert not torch.equal(decoder.state.transformer.keys[:, 0], before[0][:, 0])  # row 0's keys moved on
+
+    before = [t.clone() for t, _ in state_tensors(decoder)]
+    decoder.decode(random_codes(generator, 4, 8, 1, codec.codebook_size), active=[])
+    assert all(torch.equal(t, old) for (t, _), old in zip(state_tensors(decoder), before, strict=True))
+    with pytest.raises(ValueError, match=r"a row mask must have shape \[4\]"):
+        decoder.decode(random_codes(generator, 4, 8, 1, codec.codebook_size), torch.ones(3, dtype=torch.bool))
+
+
+HOST_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+            "aten::masked_select", "aten::lift_fresh", "aten::lift_fresh_copy"}
+"""Ops a CUDA graph cannot capture: they read a value back to the host (.item(), .tolist(), `if tensor`,
+nonzero, masked_select) or make a tensor from host data (torch.tensor)."""
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the aten ops run under it; a boolean-mask index (a hidden nonzero) as "boolean index"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: tuple, args: tuple = (),
+                           kwargs: dict | None = None) -> object:
+        name = func._schema.name
+        if name.startswith("aten::index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                  for i in args[1] or ()):
+            name = "boolean index"
+        self.names.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_never_waits_for_the_host(lively: MimiCodec) -> None:
+    """`step`, masked or not, runs no op that syncs with the host: the CPU-side half of graph capturability."""
+    decoder = lively.streaming_decoder(4)
+    codes = torch.zeros(4, 8, 2, dtype=torch.long)
+    active = torch.tensor([True, False, True, True])
+    with OpNames() as ops:
+        decoder.step(codes, active)
+        decoder.step(codes)
+    found = ops.names & (HOST_OPS | {"boolean index"})
+    assert "aten::scaled_dot_product_attention" in ops.names and not found, found
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masked_step_in_cuda_graph(lively: MimiCodec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`step` for 4 rows captured once in a CUDA graph, then replayed with each call's codes and mask copied
+    into its static inputs (one frame per call, resets in between): each row is its offline decode."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 convs: compared at 1e-4
+    # The serving layout, loaded as the worker loads it.
+    shutil.copyfile(MIMI_DIR / "config.json", tmp_path / "config.json")
+    save_file(lively.state_dict(), str(tmp_path / "model.safetensors"))
+    codec = load_mimi(tmp_path, "cuda")
+    decoder = codec.streaming_decoder(4)
+    codes = torch.zeros(4, 8, 1, dtype=torch.long, device="cuda")
+    active = torch.zeros(4, dtype=torch.bool, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            decoder.step(codes, active)  # no row active: warms up without moving any row
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decoder.step(codes, active)
+
+    feed = masked_feed(codec, seed=9, max_frames=1)
+    while (call := feed.next_call()) is not None:
+        resets, call_codes, call_active = call
+        if resets:
+            decoder.reset(resets)
+        codes.copy_(call_codes)
+        active.copy_(call_active)
+        graph.replay()
+        feed.record(out.clone())
+    feed.check(codec)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -427,5 +572,5 @@ def test_bench_runs_on_a_small_shape() -> None:
     result = run("cpu", torch.float32, frames=3, batch_sizes=(1, 2), config=config)
     assert result["shape"] == "custom" and result["machine"]["cpu_cores"] >= 1
     assert result["results"]["offline_ms_per_frame"] > 0
-    assert [s["batch"] for s in result["results"]["streaming"]] == [1, 2]
+    assert [(s["batch"], s["active_rows"]) for s in result["results"]["streaming"]] == [(1, 1), (2, 2), (2, 1)]
     assert set(random_published_tensors(config)) == set(published_shapes(MimiCodec.skeleton(config))[0])

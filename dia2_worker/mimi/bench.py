@@ -1,7 +1,9 @@
 """Decode cost per frame of a Mimi shape (by default the real one) with random weights: nothing is downloaded.
 
 Offline decode is timed over all frames at once; streaming decode one frame per call, for each batch
-size, waiting for the device after every call as a streaming server reading back audio does.
+size, waiting for the device after every call as a streaming server reading back audio does. Batches of
+more than one row are timed twice: all rows active, and half of them (the others masked out, as rows
+with no frame in a step are).
 """
 
 from __future__ import annotations
@@ -73,13 +75,14 @@ def _timed(run: Callable[[], Any], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def _stream(decoder: StreamingDecoder, codes: torch.Tensor, sync: Callable[[], None]) -> list[float]:
-    """Seconds per call, decoding `codes` [B, K, T] one frame per call."""
-    return [_timed(partial(decoder.decode, codes[:, :, t: t + 1]), sync) for t in range(codes.shape[2])]
+def _stream(decoder: StreamingDecoder, codes: torch.Tensor, active: torch.Tensor | None,
+            sync: Callable[[], None]) -> list[float]:
+    """Seconds per call, decoding `codes` [B, K, T] one frame per call in the `active` rows (None: all)."""
+    return [_timed(partial(decoder.decode, codes[:, :, t: t + 1], active), sync) for t in range(codes.shape[2])]
 
 
 def bench_decode(codec: MimiCodec, frames: int, batch_sizes: tuple[int, ...] = (1, 8), seed: int = 0) -> dict[str, Any]:
-    """ms per frame: offline over `frames` frames, streaming over `frames` calls of one frame per row."""
+    """ms per frame: offline over `frames` frames, streaming over `frames` calls of one frame per active row."""
     device = codec.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(seed)
@@ -93,16 +96,19 @@ def bench_decode(codec: MimiCodec, frames: int, batch_sizes: tuple[int, ...] = (
     for batch in batch_sizes:
         decoder = codec.streaming_decoder(batch)
         rows = codes[:batch].to(device)
-        _stream(decoder, rows[:, :, :warmup], sync)
-        decoder.reset()
-        per_call = _stream(decoder, rows, sync)
-        mean_ms = 1000 * sum(per_call) / frames
-        results["streaming"].append({
-            "batch": batch,
-            "ms_per_call": mean_ms,
-            "ms_per_call_median": 1000 * sorted(per_call)[frames // 2],
-            "ms_per_row_frame": mean_ms / batch,
-        })
+        for active_rows in (batch, batch // 2) if batch > 1 else (batch,):
+            active = None if active_rows == batch else torch.arange(batch, device=device) < active_rows
+            _stream(decoder, rows[:, :, :warmup], active, sync)
+            decoder.reset()
+            per_call = _stream(decoder, rows, active, sync)
+            mean_ms = 1000 * sum(per_call) / frames
+            results["streaming"].append({
+                "batch": batch,
+                "active_rows": active_rows,
+                "ms_per_call": mean_ms,
+                "ms_per_call_median": 1000 * sorted(per_call)[frames // 2],
+                "ms_per_row_frame": mean_ms / active_rows,
+            })
     return results
 
 
@@ -137,12 +143,12 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"Mimi decode, {result['shape']}, {result['device']} {result['dtype']}, {result['frames']} frames "
         f"({frame_ms:.0f} ms of audio each); {result['machine']['cpu']}, {result['machine']['torch_threads']} threads",
-        f"  offline:            {res['offline_ms_per_frame']:8.2f} ms/frame  "
+        f"  offline:                        {res['offline_ms_per_frame']:8.2f} ms/frame  "
         f"(real-time x{frame_ms / res['offline_ms_per_frame']:.1f})",
     ]
     for s in res["streaming"]:
         lines.append(
-            f"  streaming batch {s['batch']:<3} {s['ms_per_call']:8.2f} ms/call "
+            f"  streaming batch {s['batch']:<3} ({s['active_rows']:>2} active) {s['ms_per_call']:8.2f} ms/call "
             f"(median {s['ms_per_call_median']:.2f}), {s['ms_per_row_frame']:.2f} ms per row-frame "
             f"(real-time x{frame_ms / s['ms_per_row_frame']:.1f})"
         )

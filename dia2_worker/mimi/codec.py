@@ -119,13 +119,14 @@ class MimiCodec(nn.Module):
             seanet=self.decoder.init_state(batch, device, dtype),
         )
 
-    def decode_step(self, codes: Tensor, state: DecoderState) -> Tensor:
-        """The decode math: valid codes [B, K, n >= 1] -> [B, 1, n * frame_size], continuing `state`."""
+    def decode_step(self, codes: Tensor, state: DecoderState, active: Tensor | None = None) -> Tensor:
+        """The decode math: valid codes [B, K, n >= 1] -> [B, 1, n * frame_size], continuing `state` in the rows
+        of the bool mask `active` [B] (None: all rows); the other rows' state is kept, their samples unspecified."""
         x = self.quantizer.decode(codes)
         if self.upsample is not None:
-            x = self.upsample(x, state.upsample)
-        x = self.decoder_transformer(x.transpose(1, 2), state.transformer).transpose(1, 2)
-        return self.decoder(x, state.seanet)
+            x = self.upsample(x, state.upsample, active)
+        x = self.decoder_transformer(x.transpose(1, 2), state.transformer, active).transpose(1, 2)
+        return self.decoder(x, state.seanet, active)
 
     @torch.inference_mode()
     def decode(self, codes: Tensor) -> Tensor:
@@ -175,6 +176,7 @@ def load_mimi(mimi_dir: str | Path, device: str | torch.device = "cpu",
         check_names_and_shapes(shapes, own, str(path))
         codec = MimiCodec.skeleton(config)
         codec.load_state_dict(read_safetensors(path, None, device, dtype), strict=True, assign=True)
-        return codec.eval().requires_grad_(False)
+        # .to: the buffers not in the file (RoPE frequencies) are still on the CPU.
+        return codec.to(device).eval().requires_grad_(False)
     check_published(shapes, skeleton, str(path))
     return MimiCodec.from_tensors(config, read_published(path, skeleton, device, dtype), device, dtype)

@@ -1,9 +1,12 @@
 """Streaming decode: B independent streams, each call turning new frames into exactly their new samples.
 
 All state lives in fixed-shape tensors allocated once (conv left contexts, transposed-conv output tails,
-a sliding-window KV ring with per-row step counters), updated in place. `step` has no host sync and
-no branch on tensor values, so it can be captured in a CUDA graph; `reset` zeroes masked rows, so one
-stream restarts while the others carry on.
+a sliding-window KV ring with per-row step counters), updated in place. A call may carry frames for some
+rows only: with an `active` mask the other rows' state stays exactly as it was, so streams that have no
+frame this call (not started, finished, empty slots) cost no extra call and lose nothing. `step` has no
+host sync and no branch on tensor values, so it can be captured in a CUDA graph (codes and mask copied
+into static tensors before each replay); `reset` zeroes masked rows, so one stream restarts while the
+others carry on.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class DecoderState:
 
 
 class StreamingDecoder:
-    """`codec.streaming_decoder(B)`: frames [B, K, n] in, the next n * frame_size samples of each row out."""
+    """`codec.streaming_decoder(B)`: frames [B, K, n] in, the next n * frame_size samples of each (active) row out."""
 
     def __init__(self, codec: MimiCodec, batch_size: int) -> None:
         if batch_size < 1:
@@ -52,19 +55,24 @@ class StreamingDecoder:
             self.state = codec.init_decoder_state(batch_size)
 
     @torch.inference_mode()
-    def decode(self, codes: Tensor) -> Tensor:
-        """Checked: codes [B, K, n] (any device) -> [B, 1, n * frame_size] on the codec's device."""
+    def decode(self, codes: Tensor, active: Sequence[int] | Tensor | None = None) -> Tensor:
+        """Checked: codes [B, K, n] (any device) -> [B, 1, n * frame_size] on the codec's device.
+
+        `active` (row indices or a bool mask [B]; None: all rows) picks the rows these frames belong to; the
+        others keep their state and get unspecified samples, though their codes must still be valid (zeros do).
+        """
         codes = self.codec.check_codes(codes)
         if codes.shape[0] != self.batch_size:
             raise ValueError(f"codes have batch {codes.shape[0]}, this decoder has {self.batch_size} rows")
         if codes.shape[2] == 0:
             return codes.new_zeros((self.batch_size, 1, 0), dtype=self.codec.dtype)
-        return self.step(codes)
+        return self.step(codes, None if active is None else self._row_mask(active))
 
     @torch.inference_mode()
-    def step(self, codes: Tensor) -> Tensor:
-        """Unchecked `decode` for graph capture: valid long codes [B, K, n >= 1] already on the device."""
-        return self.codec.decode_step(codes, self.state)
+    def step(self, codes: Tensor, active: Tensor | None = None) -> Tensor:
+        """Unchecked `decode` for graph capture: valid long codes [B, K, n >= 1] and, unless None, a bool mask
+        `active` [B], both already on the device."""
+        return self.codec.decode_step(codes, self.state, active)
 
     @torch.inference_mode()
     def reset(self, rows: Sequence[int] | Tensor | None = None) -> None:

@@ -3,7 +3,8 @@
 A query at step q sees keys at steps q - window < k <= q. The KV cache is a ring of `window` slots per
 row (step p in slot p % window) that also records which step each slot holds; a call attends to the
 ring plus its own new keys, so any number of new steps per call sees exactly its window. Rows keep
-their own step counters, so they can start (and be reset) independently.
+their own step counters, so they can start (and be reset) independently, and a call with an `active` mask
+moves only the active rows on (the others' slots, steps and counters stay as they were).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MimiConfig
+from .rows import copy_rows, scatter_rows
 
 EMPTY = -(2**62)
 """The step recorded for an empty slot: further back than any query's window reaches."""
@@ -71,16 +73,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_keys: Tensor, cache_values: Tensor,
-                slots: Tensor) -> Tensor:
-        """x [B, T, hidden]; mask [B, 1, T, window + T] over (ring, new keys); slots: where kept new keys go."""
+                slots: Tensor, active: Tensor | None) -> Tensor:
+        """x [B, T, hidden]; mask [B, 1, T, window + T] over (ring, new keys); slots: where kept new keys go
+        (in the `active` rows only)."""
         B, T, _ = x.shape
         q = rotate(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2), cos, sin)
         k = rotate(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         keys, values = torch.cat([cache_keys, k], dim=2), torch.cat([cache_values, v], dim=2)
         kept = slots.shape[2]
-        cache_keys.scatter_(2, slots, k[:, :, T - kept:])
-        cache_values.scatter_(2, slots, v[:, :, T - kept:])
+        scatter_rows(cache_keys, 2, slots, k[:, :, T - kept:], active)
+        scatter_rows(cache_values, 2, slots, v[:, :, T - kept:], active)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                              enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -118,8 +121,8 @@ class TransformerLayer(nn.Module):
         self.mlp_layer_scale = LayerScale(config.hidden_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache_keys: Tensor, cache_values: Tensor,
-                slots: Tensor) -> Tensor:
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_keys, cache_values, slots)
+                slots: Tensor, active: Tensor | None) -> Tensor:
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_keys, cache_values, slots, active)
         x = x + self.self_attn_layer_scale(attended)
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
@@ -141,8 +144,9 @@ class Transformer(nn.Module):
             next_step=torch.zeros(batch, device=device, dtype=torch.long),
         )
 
-    def forward(self, x: Tensor, cache: KVCache) -> Tensor:
-        """x [B, T, hidden]: the next T steps of every row -> [B, T, hidden]; the cache moves on T steps."""
+    def forward(self, x: Tensor, cache: KVCache, active: Tensor | None = None) -> Tensor:
+        """x [B, T, hidden]: the next T steps of every row -> [B, T, hidden]; the cache moves on T steps in the
+        rows of the bool mask `active` [B] (None: all rows)."""
         B, T, _ = x.shape
         steps = cache.next_step[:, None] + torch.arange(T, device=x.device)
         key_steps = torch.cat([cache.slot_step, steps], dim=1)[:, None, :]
@@ -154,7 +158,7 @@ class Transformer(nn.Module):
         slots = (kept_steps % self.window)[:, None, :, None].expand(B, self.num_kv_heads, kept, self.head_dim)
         cos, sin = self.rotary(steps, x.dtype)
         for layer, cache_keys, cache_values in zip(self.layers, cache.keys, cache.values, strict=True):
-            x = layer(x, cos, sin, mask, cache_keys, cache_values, slots)
-        cache.slot_step.scatter_(1, kept_steps % self.window, kept_steps)
-        cache.next_step += T
+            x = layer(x, cos, sin, mask, cache_keys, cache_values, slots, active)
+        scatter_rows(cache.slot_step, 1, kept_steps % self.window, kept_steps, active)
+        copy_rows(cache.next_step, cache.next_step + T, active)
         return x
