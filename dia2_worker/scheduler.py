@@ -9,6 +9,7 @@ with one slot, so every path produces tokens through the same code.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -33,24 +34,45 @@ class Emitted:
     frames_run: int = 0
 
 
-class RowDecoders:
-    """One streaming Mimi decoder per slot, reset when a generation joins the slot."""
+class SlotDecoder:
+    """One streaming Mimi decoder with a row per slot. A call decodes one frame for each row that has one
+    while the other rows keep their state untouched, so every slot shares the same call (and, on a GPU,
+    the same captured graph)."""
 
-    def __init__(self, engine: Dia2Engine, slots: int) -> None:
-        self.engine = engine
-        self.decoders = [engine.codec.streaming_decoder(1) for _ in range(slots)]
+    def __init__(self, engine: Dia2Engine, slots: int, graphs: bool) -> None:
+        codec = engine.codec
+        self.frame_size = codec.frame_size
+        self.decoder = codec.streaming_decoder(slots)
+        self.codes = torch.zeros(slots, engine.config.num_codebooks, 1, dtype=torch.long, device=codec.device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=codec.device)
+        if graphs:  # warm-up and capture run with no row active, so they change no state
+            from .graphs import capture
+
+            replay, output = capture(lambda: self.decoder.step(self.codes, self.active))
+            self._decode = lambda: (replay(), output)[1]
+        else:
+            self._decode = lambda: self.decoder.step(self.codes, self.active)
 
     def reset(self, row: int) -> None:
-        self.decoders[row].reset()
+        self.decoder.reset([row])
 
-    def decode(self, row: int, frames: list[AudioFrame]) -> list[AudioFrame]:
-        if not frames:
-            return frames
-        codes = torch.stack([f.tokens for f in frames], dim=1).unsqueeze(0).to(self.engine.device)
-        with torch.inference_mode():
-            pcm = self.decoders[row].decode(codes)[0, 0].float().cpu().numpy()
-        size = self.engine.codec.frame_size
-        return [replace(f, pcm=pcm[i * size: (i + 1) * size]) for i, f in enumerate(frames)]
+    def decode(self, frames: dict[int, list[AudioFrame]]) -> dict[int, list[AudioFrame]]:
+        """Frames per row -> the same frames with their PCM; call k decodes each row's k-th frame."""
+        out: dict[int, list[AudioFrame]] = {row: [] for row in frames}
+        for k in range(max((len(f) for f in frames.values()), default=0)):
+            rows = [row for row, row_frames in frames.items() if len(row_frames) > k]
+            codes = torch.zeros(self.codes.shape, dtype=torch.long)
+            active = torch.zeros(self.active.shape, dtype=torch.bool)
+            for row in rows:
+                codes[row, :, 0] = frames[row][k].tokens
+                active[row] = True
+            self.codes.copy_(codes)
+            self.active.copy_(active)
+            with torch.inference_mode():
+                pcm = self._decode()[:, 0].float().cpu().numpy()
+            for row in rows:
+                out[row].append(replace(frames[row][k], pcm=pcm[row].copy()))
+        return out
 
 
 @dataclass(eq=False)
@@ -89,7 +111,7 @@ class BatchRunner:
         self.state = engine.new_state(slots, length, max_entries, max_tokens)
         self.slots: list[Slot | None] = [None] * slots
         self.lag = lag
-        self.decoders = RowDecoders(engine, slots) if decode_audio else None
+        self.decoder = SlotDecoder(engine, slots, graphs) if decode_audio else None
         self._in_flight: deque[_InFlight] = deque()
         self._graph = None
         if graphs:
@@ -111,8 +133,8 @@ class BatchRunner:
             raise RuntimeError("no free slot")
         engine, slot = self.engine, Slot(free[0], OutputWindow(plan))
         self.slots[slot.row] = slot
-        if self.decoders is not None:
-            self.decoders.reset(slot.row)
+        if self.decoder is not None:
+            self.decoder.reset(slot.row)
         events = []
         for entry, frame in engine.start(self.state, slot.row, plan):
             events += slot.window.add_word(entry, frame)
@@ -123,10 +145,10 @@ class BatchRunner:
             tokens = engine.aligned_frames(self.state, rows, torch.arange(count, device=engine.device)).cpu()
             for index in range(count):
                 events += slot.window.add_frame(index, tokens[index])
-        emitted = self._emitted(slot, events)
         if bool(engine.finished(self.state)[slot.row]):
-            emitted = self._finish(slot, emitted)
-        return slot, emitted
+            events += slot.window.finish()
+            slot.finished = True
+        return slot, self._emit({slot: events})[slot]
 
     def leave(self, slot: Slot) -> None:
         """Free the slot's row now; its steps still in flight are dropped when they arrive."""
@@ -165,35 +187,37 @@ class BatchRunner:
             launched.ready.synchronize()
         C = self.engine.config.num_codebooks
         table = launched.packed.tolist()
-        results = {}
+        events: dict[Slot, list] = {}
         for row, slot in enumerate(launched.owners):
             if slot is None or slot.finished or self.slots[row] is not slot:
                 continue
-            values = table[row]
-            index, word, first_word, done, frame = values[C:]
-            window, events = slot.window, []
+            index, word, first_word, done, frame = table[row][C:]
+            window, slot_events = slot.window, []
             slot.frames_run += 1
             if word >= 0:
-                events += window.add_word(word, frame)
+                slot_events += window.add_word(word, frame)
             if first_word != NOT_SET:
-                events += window.set_first_word_frame(first_word)
+                slot_events += window.set_first_word_frame(first_word)
             if index >= 0:
-                events += window.add_frame(index, torch.tensor(values[:C]))
-            emitted = self._emitted(slot, events)
-            results[slot] = self._finish(slot, emitted) if done else emitted
-        return results
+                slot_events += window.add_frame(index, torch.tensor(table[row][:C]))
+            if done:
+                slot_events += window.finish()
+                slot.finished = True
+            events[slot] = slot_events
+        return self._emit(events)
 
-    def _finish(self, slot: Slot, emitted: Emitted) -> Emitted:
-        tail = self._emitted(slot, list(slot.window.finish()))
-        slot.finished = True
-        self.leave(slot)
-        return Emitted(emitted.frames + tail.frames, emitted.words + tail.words, True, slot.frames_run)
-
-    def _emitted(self, slot: Slot, events: list) -> Emitted:
-        frames = [e for e in events if isinstance(e, AudioFrame)]
-        if self.decoders is not None:
-            frames = self.decoders.decode(slot.row, frames)
-        return Emitted(frames, [e for e in events if isinstance(e, Word)], False, slot.frames_run)
+    def _emit(self, events: dict[Slot, list]) -> dict[Slot, Emitted]:
+        """Events per slot -> Emitted per slot: all slots' new frames decoded together; finished slots leave."""
+        frames = {slot.row: [e for e in slot_events if isinstance(e, AudioFrame)] for slot, slot_events in events.items()}
+        if self.decoder is not None:
+            frames = self.decoder.decode(frames)
+        emitted = {}
+        for slot, slot_events in events.items():
+            if slot.finished:
+                self.leave(slot)
+            emitted[slot] = Emitted(frames[slot.row], [e for e in slot_events if isinstance(e, Word)],
+                                    slot.finished, slot.frames_run)
+        return emitted
 
 
 def _arrived(launched: _InFlight) -> bool:
@@ -266,6 +290,9 @@ class Scheduler:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="dia2-scheduler", daemon=True)
         self._thread.start()
+        # Stopped before the interpreter tears down: a thread still holding torch state while torch's own
+        # thread pools are destroyed aborts the process.
+        atexit.register(self.close)
 
     @property
     def slots(self) -> int:
@@ -282,10 +309,12 @@ class Scheduler:
         return ticket
 
     def close(self) -> None:
+        """Stop the thread (after the step in progress); idempotent."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join()
+        atexit.unregister(self.close)
 
     def _loop(self) -> None:
         while True:
