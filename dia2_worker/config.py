@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 ACTIVATIONS = ("silu", "swish", "swiglu", "gelu", "geglu", "relu", "linear")
 
@@ -107,17 +107,7 @@ class Dia2Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Dia2Config":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        try:
-            return cls.from_dict(raw)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        return read_config(path, cls.from_dict)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Dia2Config":
@@ -172,6 +162,24 @@ class Dia2Config:
             mimi=assets_b.optional_str("mimi"),
         )
         return cls(data=data, model=model, runtime=runtime, assets=assets)
+
+
+T = TypeVar("T")
+
+
+def read_config(path: str | Path, parse: Callable[[Any], T]) -> T:
+    """A JSON config file through `parse`; every error names the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        return parse(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _stack(block: "_Block", default_acts: tuple[str, str] | None, *, depformer: bool) -> StackConfig:

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .env import FALSE, TRUE, Range, WorkerConfigError, env_number
+
 if TYPE_CHECKING:
     import http.client
     from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -62,8 +64,6 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]
 _URL_CHARS = re.compile(rf"[!-~]{{1,{MAX_URL_CHARS}}}")
 _KEY_PREFIX_CHARS = re.compile(rf"[A-Za-z0-9/_.-]{{1,{MAX_KEY_PREFIX_CHARS}}}")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class JobInputError(ValueError):
@@ -74,37 +74,13 @@ class JobInputError(ValueError):
         self.field = field
 
 
-class WorkerConfigError(ValueError):
-    """An environment variable holds a value the worker cannot run with; the message names it."""
-
-
-@dataclass(frozen=True)
-class _Range:
-    """Bounds of a number field, inclusive unless `lo_open`; describes itself for error messages."""
-
-    lo: int | float
-    hi: int | float = math.inf
-    lo_open: bool = False
-
-    def __contains__(self, value: int | float) -> bool:
-        above = value > self.lo if self.lo_open else value >= self.lo
-        return above and value <= self.hi
-
-    def describe(self) -> str:
-        lo, hi = _format_number(self.lo), _format_number(self.hi)
-        low = f"greater than {lo}" if self.lo_open else f"at least {lo}"
-        if self.hi == math.inf:
-            return low
-        return f"{low} and at most {hi}" if self.lo_open else f"between {lo} and {hi}"
-
-
-_SEED = _Range(0, 2**63 - 1)
-_TEMPERATURE = _Range(0, 5)
-_TOP_K = _Range(1, 10_000)  # the engine clamps k to the vocabulary
-_CFG_SCALE = _Range(0, 20, lo_open=True)
-_PRESIGN_EXPIRY_S = _Range(60, 604_800)  # S3 presigned URLs live at most 7 days
-_SAMPLE_RATE = _Range(8_000, 192_000)
-_POSITIVE = _Range(0, lo_open=True)
+_SEED = Range(0, 2**63 - 1)
+_TEMPERATURE = Range(0, 5)
+_TOP_K = Range(1, 10_000)  # the engine clamps k to the vocabulary
+_CFG_SCALE = Range(0, 20, lo_open=True)
+_PRESIGN_EXPIRY_S = Range(60, 604_800)  # S3 presigned URLs live at most 7 days
+_SAMPLE_RATE = Range(8_000, 192_000)
+_POSITIVE = Range(0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -135,41 +111,25 @@ class WorkerLimits:
         one internal host without also opening, say, the cloud metadata address.
         """
 
-        def read(name: str, check: Callable[[object, str, _Range], T], allowed: _Range, default: T) -> T:
-            text = env.get(name, "").strip()
-            return default if not text else check(_parse_env_number(text), name, allowed)
-
-        try:
-            return cls(
-                max_text_chars=read("MAX_TEXT_CHARS", _integer, _Range(1), cls.max_text_chars),
-                max_duration_s=read("MAX_DURATION_S", _real, _POSITIVE, cls.max_duration_s),
-                max_prefix_audio_s=read("MAX_PREFIX_AUDIO_S", _real, _POSITIVE, cls.max_prefix_audio_s),
-                max_prefix_audio_bytes=read("MAX_PREFIX_AUDIO_BYTES", _integer, _Range(1), cls.max_prefix_audio_bytes),
-                audio_url_timeout_s=read("AUDIO_URL_TIMEOUT_S", _real, _POSITIVE, cls.audio_url_timeout_s),
-                private_audio_networks=_parse_networks(env.get("ALLOW_PRIVATE_AUDIO_URLS", "")),
-                max_chunk_ms=read("MAX_CHUNK_MS", _integer, _Range(FRAME_MS), cls.max_chunk_ms),
-            )
-        except JobInputError as error:
-            raise WorkerConfigError(str(error)) from None
-
-
-def _parse_env_number(text: str) -> int | float | str:
-    """An env value as a number when it reads as one; otherwise the text, for the reader to reject."""
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text
+        return cls(
+            max_text_chars=env_number(env, "MAX_TEXT_CHARS", int, Range(1), cls.max_text_chars),
+            max_duration_s=env_number(env, "MAX_DURATION_S", float, _POSITIVE, cls.max_duration_s),
+            max_prefix_audio_s=env_number(env, "MAX_PREFIX_AUDIO_S", float, _POSITIVE, cls.max_prefix_audio_s),
+            max_prefix_audio_bytes=env_number(env, "MAX_PREFIX_AUDIO_BYTES", int, Range(1),
+                                              cls.max_prefix_audio_bytes),
+            audio_url_timeout_s=env_number(env, "AUDIO_URL_TIMEOUT_S", float, _POSITIVE, cls.audio_url_timeout_s),
+            private_audio_networks=_parse_networks(env.get("ALLOW_PRIVATE_AUDIO_URLS", "")),
+            max_chunk_ms=env_number(env, "MAX_CHUNK_MS", int, Range(FRAME_MS), cls.max_chunk_ms),
+        )
 
 
 def _parse_networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
     import ipaddress
 
     value = text.strip().lower()
-    if not value or value in _FALSE:
+    if not value or value in FALSE:
         return ()
-    if value in _TRUE:
+    if value in TRUE:
         return (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
     try:
         return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in value.split(","))
@@ -259,11 +219,11 @@ def parse_job(raw: object, limits: WorkerLimits) -> JobRequest:
         cfg_scale=job.optional("cfg_scale", DEFAULT_CFG_SCALE, _real, _CFG_SCALE),
         cfg_filter_k=job.optional("cfg_filter_k", DEFAULT_CFG_FILTER_K, _integer, _TOP_K),
         max_duration_s=job.optional(
-            "max_duration_s", limits.max_duration_s, _real, _Range(0, limits.max_duration_s, lo_open=True)
+            "max_duration_s", limits.max_duration_s, _real, Range(0, limits.max_duration_s, lo_open=True)
         ),
         stream=job.optional("stream", True, _boolean),
         chunk_ms=job.optional(
-            "chunk_ms", min(DEFAULT_CHUNK_MS, limits.max_chunk_ms), _integer, _Range(FRAME_MS, limits.max_chunk_ms)
+            "chunk_ms", min(DEFAULT_CHUNK_MS, limits.max_chunk_ms), _integer, Range(FRAME_MS, limits.max_chunk_ms)
         ),
         include_prefix=include_prefix,
         output=job.optional("output", OutputSpec(), _output),
@@ -306,14 +266,14 @@ def _object(value: object, path: str, allowed: frozenset[str]) -> _Object:
     return found
 
 
-def _integer(value: object, field: str, allowed: _Range) -> int:
+def _integer(value: object, field: str, allowed: Range) -> int:
     """An integer in range; bools and floats (even 50.0) are refused, as JSON clients mean them."""
     if isinstance(value, int) and not isinstance(value, bool) and value in allowed:
         return value
     raise JobInputError(field, f"must be an integer {allowed.describe()}, got {_show(value)}")
 
 
-def _real(value: object, field: str, allowed: _Range, note: str = "") -> float:
+def _real(value: object, field: str, allowed: Range, note: str = "") -> float:
     """A finite number in range (integers accepted); `note` explains a bound that depends on data."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         with contextlib.suppress(OverflowError):  # an integer too large for a float
@@ -428,16 +388,16 @@ def _words(value: object, field: str) -> tuple[tuple[str, float, float], ...]:
             raise JobInputError(f"{path}[0]", f"must be one non-empty word without whitespace, got {_show(word)}")
         _refuse_control_chars(word, f"{path}[0]")
         start = _real(
-            entry[1], f"{path}[1]", _Range(previous_start), " (word starts must be at least 0 and never decrease)"
+            entry[1], f"{path}[1]", Range(previous_start), " (word starts must be at least 0 and never decrease)"
         )
-        end = _real(entry[2], f"{path}[2]", _Range(start), " (a word cannot end before it starts)")
+        end = _real(entry[2], f"{path}[2]", Range(start), " (a word cannot end before it starts)")
         words.append((word, start, end))
         previous_start = start
     return tuple(words)
 
 
 def _check_words_fit(words: Sequence[tuple[str, float, float]], field: str, duration_s: float) -> None:
-    within = _Range(0, duration_s + WORD_END_SLACK_S)
+    within = Range(0, duration_s + WORD_END_SLACK_S)
     for index, (_, _, end) in enumerate(words):
         _real(end, f"{field}[{index}][2]", within, f" (the audio lasts {duration_s:.3f} s)")
 
@@ -660,10 +620,6 @@ def _time_left(deadline: float, limits: WorkerLimits, field: str) -> float:
 
 def _too_slow(limits: WorkerLimits, field: str) -> JobInputError:
     return JobInputError(field, f"download did not finish within the {limits.audio_url_timeout_s:g} s limit")
-
-
-def _format_number(value: int | float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def _show(value: object) -> str:

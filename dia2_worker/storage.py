@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from dia2_worker.jobs import WorkerConfigError
+from .env import Range, WorkerConfigError, env_number, env_text
 
 if TYPE_CHECKING:
     from botocore.exceptions import ClientError
@@ -155,10 +155,10 @@ class StorageSettings:
         neither, boto3's default credential chain (AWS_* variables, instance role) applies.
         Raises `WorkerConfigError` naming the variable and what it accepts.
         """
-        endpoint_url, path_bucket = _endpoint(_text(env, "BUCKET_ENDPOINT_URL"))
-        bucket = _bucket(_text(env, "BUCKET_NAME"), path_bucket, endpoint_url)
-        access_key_id = _text(env, "BUCKET_ACCESS_KEY_ID")
-        secret_access_key = _text(env, "BUCKET_SECRET_ACCESS_KEY")
+        endpoint_url, path_bucket = _endpoint(env_text(env, "BUCKET_ENDPOINT_URL"))
+        bucket = _bucket(env_text(env, "BUCKET_NAME"), path_bucket, endpoint_url)
+        access_key_id = env_text(env, "BUCKET_ACCESS_KEY_ID")
+        secret_access_key = env_text(env, "BUCKET_SECRET_ACCESS_KEY")
         if (access_key_id is None) != (secret_access_key is None):
             missing = "BUCKET_SECRET_ACCESS_KEY" if secret_access_key is None else "BUCKET_ACCESS_KEY_ID"
             raise WorkerConfigError(f"{missing}: required, as the other half of the bucket access key pair")
@@ -173,9 +173,9 @@ class StorageSettings:
             endpoint_url=endpoint_url,
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
-            region=_region(_text(env, "BUCKET_REGION") or cls.region),
-            key_prefix=_key_prefix(_text(env, "BUCKET_KEY_PREFIX") or cls.key_prefix),
-            addressing_style=_addressing_style(_text(env, "BUCKET_ADDRESSING_STYLE") or cls.addressing_style),
+            region=_region(env_text(env, "BUCKET_REGION") or cls.region),
+            key_prefix=_key_prefix(env_text(env, "BUCKET_KEY_PREFIX") or cls.key_prefix),
+            addressing_style=_addressing_style(env_text(env, "BUCKET_ADDRESSING_STYLE") or cls.addressing_style),
             presign_expiry_s=_number(env, "PRESIGN_EXPIRY_S", cls.presign_expiry_s, 1, MAX_PRESIGN_EXPIRY_S),
             max_attempts=_number(env, "UPLOAD_MAX_ATTEMPTS", cls.max_attempts, 1, 20),
             backoff_base_s=backoff_base_s,
@@ -189,7 +189,7 @@ class StorageSettings:
             ),
             connect_timeout_s=_number(env, "BUCKET_CONNECT_TIMEOUT_S", cls.connect_timeout_s, 0.1, 300.0),
             read_timeout_s=_number(env, "BUCKET_READ_TIMEOUT_S", cls.read_timeout_s, 0.1, 900.0),
-            output_dir=Path(_text(env, "OUTPUT_DIR") or cls.output_dir).expanduser().absolute(),
+            output_dir=Path(env_text(env, "OUTPUT_DIR") or cls.output_dir).expanduser().absolute(),
         )  # fmt: skip
 
     def describe(self) -> str:
@@ -208,28 +208,9 @@ class StorageSettings:
         )
 
 
-def _text(env: Mapping[str, str], name: str) -> str | None:
-    return env.get(name, "").strip() or None
-
-
 def _number(env: Mapping[str, str], name: str, default: N, lo: N, hi: N, note: str = "") -> N:
-    """The variable as a number of `default`'s type within [lo, hi]; NaN and infinities fail the range."""
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    kind = type(default)
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not lo <= value <= hi:
-        what = "an integer" if kind is int else "a number"
-        raise WorkerConfigError(f"{name}: must be {what} between {_show(lo)} and {_show(hi)}{note}, got {text!r}")
-    return value
-
-
-def _show(number: float) -> str:
-    return f"{number:g}" if isinstance(number, float) else str(number)
+    """The variable as a number of `default`'s type within [lo, hi]."""
+    return env_number(env, name, type(default), Range(lo, hi), default, note)
 
 
 def _endpoint(text: str | None) -> tuple[str | None, str | None]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
 
-from .jobs import WorkerConfigError, WorkerLimits
+from .env import Range, WorkerConfigError, env_flag, env_number
+from .jobs import WorkerLimits
 from .timing import PHASES
 
 log = logging.getLogger("dia2_worker")
@@ -57,11 +58,12 @@ class WorkerSettings:
             model_dir=Path(env.get("MODEL_DIR") or "/models/dia2"),
             device=device,
             dtype=dtype,
-            slots=_int(env, "SLOTS", 1, 1024),
-            max_concurrency=_int(env, "MAX_CONCURRENCY", 1, 4096),
-            cuda_graphs=_flag(env, "CUDA_GRAPHS", device.startswith("cuda")),
-            job_timeout_s=_float(env, "JOB_TIMEOUT_S", 1.0, 86400.0),
-            inline_audio_max_bytes=_int(env, "INLINE_AUDIO_MAX_BYTES", 0, 64 * 1024 * 1024) or 8 * 1024 * 1024,
+            slots=env_number(env, "SLOTS", int, Range(1, 1024), None),
+            max_concurrency=env_number(env, "MAX_CONCURRENCY", int, Range(1, 4096), None),
+            cuda_graphs=env_flag(env, "CUDA_GRAPHS", device.startswith("cuda")),
+            job_timeout_s=env_number(env, "JOB_TIMEOUT_S", float, Range(1.0, 86400.0), None),
+            inline_audio_max_bytes=env_number(env, "INLINE_AUDIO_MAX_BYTES", int, Range(0, 64 * 1024 * 1024),
+                                              8 * 1024 * 1024),
             log_level=log_level,
         )
 
@@ -70,41 +72,6 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _int(env: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
-    text = env.get(name)
-    if not text:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise WorkerConfigError(f"{name}: must be an integer between {lo} and {hi}, got {text!r}") from None
-    if not lo <= value <= hi:
-        raise WorkerConfigError(f"{name}: must be an integer between {lo} and {hi}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, lo: float, hi: float) -> float | None:
-    text = env.get(name)
-    if not text:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise WorkerConfigError(f"{name}: must be a number between {lo:g} and {hi:g}, got {text!r}") from None
-    if not lo <= value <= hi:
-        raise WorkerConfigError(f"{name}: must be a number between {lo:g} and {hi:g}, got {value:g}")
-    return value
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    text = (env.get(name) or "").lower()
-    if not text:
-        return default
-    if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise WorkerConfigError(f"{name}: must be true or false, got {text!r}")
-    return text in ("1", "true", "yes", "on")
 
 
 def _init_cuda(device: str) -> None:
@@ -131,7 +98,7 @@ class StartOptions:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "StartOptions":
-        return cls.baseline() if _flag(env, "DIA2_START_BASELINE", False) else cls()
+        return cls.baseline() if env_flag(env, "DIA2_START_BASELINE", False) else cls()
 
 
 class WorkerService:

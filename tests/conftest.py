@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before torch loads: torch runs on several threads in these tests (loading, schedulers, servers), and
@@ -38,3 +39,20 @@ def engine():
     from dia2_worker.engine import Dia2Engine
 
     return Dia2Engine.load(TINY)
+
+
+@pytest.fixture(autouse=True)
+def no_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's HTTP(S)_PROXY must not capture loopback traffic (botocore and urllib honour it)."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def plane() -> Iterator:
+    """The loopback RunPod control-plane emulator; fails the test if the worker called a URL it does not serve."""
+    from control_plane import ControlPlane
+
+    with ControlPlane() as control_plane:
+        yield control_plane
+        assert not control_plane.rejected, "the worker called URLs the platform does not serve"

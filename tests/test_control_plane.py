@@ -24,13 +24,6 @@ RESULT_TIMEOUT = 10.0  # s; a job here takes < 3 s, plus up to 1 s before the wo
 
 
 @pytest.fixture
-def plane() -> Iterator[ControlPlane]:
-    with ControlPlane() as control_plane:
-        yield control_plane
-        assert not control_plane.rejected, "the worker called URLs the platform does not serve"
-
-
-@pytest.fixture
 def start_worker(plane: ControlPlane, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Starts fake workers against `plane` (env vars as keywords); stops them at teardown.
 

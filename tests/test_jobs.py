@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from dia2_worker.env import WorkerConfigError
 from dia2_worker.jobs import (
     JobInputError,
     JobMetrics,
     OutputSpec,
-    WorkerConfigError,
     WorkerLimits,
     audio_item,
     fetch_audio,
@@ -790,15 +790,15 @@ def test_allow_all_private_addresses_opens_loopback(url: Callable[[str], str]) -
 @pytest.mark.parametrize(
     ("name", "value", "fragment"),
     [
-        ("MAX_TEXT_CHARS", "lots", 'must be an integer at least 1, got "lots"'),
-        ("MAX_TEXT_CHARS", "0", "at least 1, got 0"),
+        ("MAX_TEXT_CHARS", "lots", "must be an integer at least 1, got 'lots'"),
+        ("MAX_TEXT_CHARS", "0", "at least 1, got '0'"),
         ("MAX_TEXT_CHARS", "4000.5", "must be an integer"),
-        ("MAX_DURATION_S", "0", "must be a number greater than 0, got 0"),
-        ("MAX_DURATION_S", "nan", "got NaN"),
+        ("MAX_DURATION_S", "0", "must be a number greater than 0, got '0'"),
+        ("MAX_DURATION_S", "nan", "got 'nan'"),
         ("MAX_PREFIX_AUDIO_S", "-1", "greater than 0"),
         ("MAX_PREFIX_AUDIO_BYTES", "16MiB", "must be an integer at least 1"),
-        ("AUDIO_URL_TIMEOUT_S", "inf", "got Infinity"),
-        ("MAX_CHUNK_MS", "79", "must be an integer at least 80, got 79"),
+        ("AUDIO_URL_TIMEOUT_S", "inf", "got 'inf'"),
+        ("MAX_CHUNK_MS", "79", "must be an integer at least 80, got '79'"),
         ("ALLOW_PRIVATE_AUDIO_URLS", "maybe", "true, false or comma-separated networks"),
         ("ALLOW_PRIVATE_AUDIO_URLS", "10.0.0.0/8,intranet", "got '10.0.0.0/8,intranet'"),
     ],

@@ -23,7 +23,7 @@ from urllib.request import urlopen
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from dia2_worker.jobs import WorkerConfigError
+from dia2_worker.env import WorkerConfigError
 from dia2_worker.storage import (
     MIB,
     LocalStorage,
@@ -51,13 +51,6 @@ def sha256(data: bytes) -> str:
 def fetch(url: str) -> bytes:
     with urlopen(url, timeout=10) as response:
         return response.read()
-
-
-@pytest.fixture(autouse=True)
-def no_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's HTTP(S)_PROXY must not capture loopback traffic (botocore and urllib honour it)."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,6 @@ READY_TIMEOUT = 60.0
 JOB_TIMEOUT = 60.0
 
 
-@pytest.fixture(autouse=True)
-def no_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
     with MotoServer() as server:
@@ -54,13 +48,6 @@ def long_model(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def worker_env(model_dir: Path, output_dir: Path, storage: dict[str, str], **extra: str) -> dict[str, str]:
     return {"MODEL_DIR": str(model_dir), "DEVICE": "cpu", "OUTPUT_DIR": str(output_dir), "LOG_LEVEL": "INFO",
             "MAX_PREFIX_AUDIO_S": "5", **storage, **extra}
-
-
-@pytest.fixture
-def plane() -> Iterator[ControlPlane]:
-    with ControlPlane() as control_plane:
-        yield control_plane
-        assert not control_plane.rejected, "the worker called URLs the platform does not serve"
 
 
 @pytest.fixture

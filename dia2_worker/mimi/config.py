@@ -10,14 +10,13 @@ training-only extras.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, read_config
 
 
 @dataclass(frozen=True)
@@ -126,17 +125,7 @@ class MimiConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> MimiConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        try:
-            return cls.from_dict(raw)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        return read_config(path, cls.from_dict)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> MimiConfig:
