@@ -27,28 +27,21 @@ _DEPFORMER = {
 }
 _SCHEDULE = [0, 1, 2, 3] + [4] * 27
 
-PUBLISHED = {
-    "2b": {
+
+def _published(n_layer: int, n_hidden: int) -> dict:
+    return {
         "data": _DATA,
         "model": {
-            "decoder": {"n_layer": 28, "n_embd": 2048, "n_hidden": 6144, "gqa_query_heads": 16, "kv_heads": 8,
-                        "gqa_head_dim": 128},
+            "decoder": {"n_layer": n_layer, "n_embd": 2048, "n_hidden": n_hidden, "gqa_query_heads": 16,
+                        "kv_heads": 8, "gqa_head_dim": 128},
             "depformer": _DEPFORMER,
             "rope_min_timescale": 1, "rope_max_timescale": 10000, "normalization_layer_epsilon": 1e-6,
         },
         "runtime": {"weights_schedule": _SCHEDULE, "max_context_steps": 1500},
-    },
-    "1b": {
-        "data": _DATA,
-        "model": {
-            "decoder": {"n_layer": 12, "n_embd": 2048, "n_hidden": 5632, "gqa_query_heads": 16, "kv_heads": 8,
-                        "gqa_head_dim": 128},
-            "depformer": _DEPFORMER,
-            "rope_min_timescale": 1, "rope_max_timescale": 10000, "normalization_layer_epsilon": 1e-6,
-        },
-        "runtime": {"weights_schedule": _SCHEDULE, "max_context_steps": 1500},
-    },
-}
+    }
+
+
+PUBLISHED = {"2b": _published(n_layer=28, n_hidden=6144), "1b": _published(n_layer=12, n_hidden=5632)}
 
 
 def published_config(shape: str) -> dict:

@@ -56,3 +56,27 @@ def plane() -> Iterator:
     with ControlPlane() as control_plane:
         yield control_plane
         assert not control_plane.rejected, "the worker called URLs the platform does not serve"
+
+
+@pytest.fixture
+def start_worker(plane, tmp_path: Path) -> Iterator:
+    """start(script, env, cwd, ready_timeout) runs a worker process against `plane` until the test ends;
+    teardown prints every worker's log (shown when the test failed) and checks SIGTERM stopped it cleanly."""
+    from contextlib import ExitStack
+
+    workers = []
+    stack = ExitStack()
+
+    def start(script: Path, env: dict[str, str], cwd: Path | None = None, ready_timeout: float = 30.0):
+        log_path = tmp_path / f"worker-{len(workers)}.log"
+        worker = stack.enter_context(plane.run_worker(script, env, cwd or tmp_path, log_path, ready_timeout))
+        workers.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        stack.close()
+        for worker in workers:
+            print(f"--- {worker.log_path} (exit {worker.returncode})\n{worker.log()}")
+    assert [worker.returncode for worker in workers] == [0] * len(workers)

@@ -11,7 +11,6 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -24,34 +23,14 @@ RESULT_TIMEOUT = 10.0  # s; a job here takes < 3 s, plus up to 1 s before the wo
 
 
 @pytest.fixture
-def start_worker(plane: ControlPlane, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Starts fake workers against `plane` (env vars as keywords); stops them at teardown.
-
-    Teardown checks each worker exited 0, i.e. SIGTERM shut it down cleanly in time, and prints
-    the logs, which pytest shows when the test failed.
-    """
-    workers: list[WorkerProcess] = []
-    stack = ExitStack()
-
-    def start(**env_extra: str) -> WorkerProcess:
-        log_path = tmp_path / f"worker-{len(workers)}.log"
-        worker = stack.enter_context(plane.run_worker(FAKE_HANDLER, env_extra, tmp_path, log_path))
-        workers.append(worker)
-        return worker
-
-    try:
-        yield start
-    finally:
-        stack.close()
-        for worker in workers:
-            print(f"--- {worker.log_path} (exit {worker.returncode})\n{worker.log()}")
-    assert [worker.returncode for worker in workers] == [0] * len(workers)
-
+def fake_worker(start_worker: Callable[..., WorkerProcess], tmp_path: Path) -> Callable[..., WorkerProcess]:
+    """Starts the fake handler against the emulator (env vars as keywords)."""
+    return lambda **env: start_worker(FAKE_HANDLER, env, tmp_path)
 
 def test_stream_items_arrive_one_by_one_before_the_aggregated_result(
-    plane: ControlPlane, start_worker: Callable[..., WorkerProcess]
+    plane: ControlPlane, fake_worker: Callable[..., WorkerProcess]
 ) -> None:
-    start_worker()
+    fake_worker()
     job_id = plane.submit({"items": 4, "interval": 0.2})
 
     result = plane.wait_result(job_id, RESULT_TIMEOUT)
@@ -74,9 +53,9 @@ def test_stream_items_arrive_one_by_one_before_the_aggregated_result(
 
 
 def test_failed_jobs_report_their_error_and_the_worker_keeps_taking_jobs(
-    plane: ControlPlane, start_worker: Callable[..., WorkerProcess]
+    plane: ControlPlane, fake_worker: Callable[..., WorkerProcess]
 ) -> None:
-    worker = start_worker()
+    worker = fake_worker()
     good = plane.submit({"items": 2})
     yielded = plane.submit({"items": 2, "fail": "yield", "message": "speaker tag missing"})
     raised = plane.submit({"items": 1, "fail": "raise", "message": "CUDA out of memory"})
@@ -100,9 +79,9 @@ def test_failed_jobs_report_their_error_and_the_worker_keeps_taking_jobs(
 
 
 def test_stop_signal_cancels_the_running_job_and_the_next_job_runs(
-    plane: ControlPlane, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+    plane: ControlPlane, fake_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
-    start_worker()
+    fake_worker()
     marker = tmp_path / "stopped.json"
     long_job = plane.submit({"items": 100, "interval": 0.3, "marker": str(marker)})
     plane.wait_stream_items(long_job, 2, RESULT_TIMEOUT)
@@ -130,11 +109,11 @@ def test_stop_signal_cancels_the_running_job_and_the_next_job_runs(
 
 
 def test_concurrency_above_one_takes_a_batch_and_runs_jobs_side_by_side(
-    plane: ControlPlane, start_worker: Callable[..., WorkerProcess]
+    plane: ControlPlane, fake_worker: Callable[..., WorkerProcess]
 ) -> None:
     long_job = plane.submit({"items": 10, "interval": 0.2})
     short_job = plane.submit({"items": 3, "interval": 0.2})
-    start_worker(FAKE_WORKER_CONCURRENCY="2")
+    fake_worker(FAKE_WORKER_CONCURRENCY="2")
 
     long_result = plane.wait_result(long_job, RESULT_TIMEOUT)
     short_result = plane.wait_result(short_job, RESULT_TIMEOUT)
@@ -154,9 +133,9 @@ def test_concurrency_above_one_takes_a_batch_and_runs_jobs_side_by_side(
 
 
 def test_heartbeats_carry_the_running_job_once_an_api_key_is_set(
-    plane: ControlPlane, start_worker: Callable[..., WorkerProcess]
+    plane: ControlPlane, fake_worker: Callable[..., WorkerProcess]
 ) -> None:
-    start_worker(RUNPOD_AI_API_KEY="test-key", RUNPOD_PING_INTERVAL="1000")
+    fake_worker(RUNPOD_AI_API_KEY="test-key", RUNPOD_PING_INTERVAL="1000")
     job_id = plane.submit({"items": 6, "interval": 0.25})
 
     plane.wait_result(job_id, RESULT_TIMEOUT)

@@ -7,14 +7,13 @@ import base64
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
-from control_plane import ControlPlane, WorkerProcess
+from control_plane import ControlPlane
 from local_api import serve_local_api
 from s3_server import FaultProxy, MotoServer, bucket_env
 
@@ -51,22 +50,9 @@ def worker_env(model_dir: Path, output_dir: Path, storage: dict[str, str], **ext
 
 
 @pytest.fixture
-def start_worker(plane: ControlPlane, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    workers: list[WorkerProcess] = []
-    with ExitStack() as stack:
-        def start(env: dict[str, str]) -> WorkerProcess:
-            log_path = tmp_path / f"worker-{len(workers)}.log"
-            worker = stack.enter_context(plane.run_worker(HANDLER, env, ROOT, log_path, ready_timeout=READY_TIMEOUT))
-            workers.append(worker)
-            return worker
-
-        try:
-            yield start
-        finally:
-            stack.close()
-            for worker in workers:
-                print(f"--- {worker.log_path} (exit {worker.returncode})\n{worker.log()}")
-
+def worker(start_worker):
+    """Starts handler.py against the emulator with these settings."""
+    return lambda env: start_worker(HANDLER, env, ROOT, READY_TIMEOUT)
 
 def audio_items(items: list[dict]) -> list[dict]:
     return [item for item in items if item.get("type") == "audio"]
@@ -102,10 +88,10 @@ def outputs(plane: ControlPlane, job_id: str) -> tuple[dict, list[dict]]:
     return result, [post.body["output"] for post in plane.stream_items(job_id)]
 
 
-def test_jobs_stream_upload_and_fail_cleanly(plane: ControlPlane, start_worker, moto: MotoServer,
+def test_jobs_stream_upload_and_fail_cleanly(plane: ControlPlane, worker, moto: MotoServer,
                                               tiny_dir: Path, tmp_path: Path) -> None:
     bucket = moto.create_bucket()
-    start_worker(worker_env(tiny_dir, tmp_path / "out", bucket_env(moto.endpoint_url, bucket), SLOTS="1"))
+    worker(worker_env(tiny_dir, tmp_path / "out", bucket_env(moto.endpoint_url, bucket), SLOTS="1"))
     good = plane.submit(TEST_INPUT)
     bad_type = plane.submit({**TEST_INPUT, "temperature": "hot"})
     unknown = plane.submit({**TEST_INPUT, "speed": 2})
@@ -144,10 +130,10 @@ def test_jobs_stream_upload_and_fail_cleanly(plane: ControlPlane, start_worker, 
     assert hashlib.sha256(stored).hexdigest() == quiet_items[-1]["sha256"]
 
 
-def test_stopped_job_ends_early_and_the_next_job_runs(plane: ControlPlane, start_worker, moto: MotoServer,
+def test_stopped_job_ends_early_and_the_next_job_runs(plane: ControlPlane, worker, moto: MotoServer,
                                                       long_model: Path, tmp_path: Path) -> None:
     bucket = moto.create_bucket()
-    start_worker(worker_env(long_model, tmp_path / "out", bucket_env(moto.endpoint_url, bucket)))
+    worker(worker_env(long_model, tmp_path / "out", bucket_env(moto.endpoint_url, bucket)))
     script = "[S1] " + " ".join(["one two three four five six seven eight"] * 12)
     long_job = plane.submit({"text": script, "seed": 3, "chunk_ms": 80})
     plane.wait_stream_items(long_job, 3, JOB_TIMEOUT)
@@ -163,11 +149,11 @@ def test_stopped_job_ends_early_and_the_next_job_runs(plane: ControlPlane, start
 
 
 def test_storage_outage_falls_back_to_inline_audio_or_names_the_spool_file(
-        plane: ControlPlane, start_worker, moto: MotoServer, tiny_dir: Path, tmp_path: Path) -> None:
+        plane: ControlPlane, worker, moto: MotoServer, tiny_dir: Path, tmp_path: Path) -> None:
     bucket = moto.create_bucket()
     proxy = FaultProxy(moto.endpoint_url).__enter__()
     storage = bucket_env(proxy.url, bucket, UPLOAD_MAX_ATTEMPTS="3")
-    start_worker(worker_env(tiny_dir, tmp_path / "out", storage, INLINE_AUDIO_MAX_BYTES="200000"))
+    worker(worker_env(tiny_dir, tmp_path / "out", storage, INLINE_AUDIO_MAX_BYTES="200000"))
     small = plane.submit({**TEST_INPUT, "text": "[S1] hello world", "max_duration_s": 3})
     plane.wait_stream_items(small, 1, JOB_TIMEOUT)
     proxy.__exit__(None, None, None)  # the S3 endpoint goes away while the job is running
@@ -186,10 +172,10 @@ def test_storage_outage_falls_back_to_inline_audio_or_names_the_spool_file(
         [p.body["output"] for p in plane.stream_items(large)])
 
 
-def test_sixteen_concurrent_jobs_complete_like_jobs_run_alone(plane: ControlPlane, start_worker, moto: MotoServer,
+def test_sixteen_concurrent_jobs_complete_like_jobs_run_alone(plane: ControlPlane, worker, moto: MotoServer,
                                                               tiny_dir: Path, tmp_path: Path) -> None:
     bucket = moto.create_bucket()
-    start_worker(worker_env(tiny_dir, tmp_path / "out", bucket_env(moto.endpoint_url, bucket),
+    worker(worker_env(tiny_dir, tmp_path / "out", bucket_env(moto.endpoint_url, bucket),
                             SLOTS="8", MAX_CONCURRENCY="16"))
     scripts = ["[S1] hello world", "[S2] how are you today", "[S1] the quick brown fox [S2] jumps",
                "[S1] fine thanks"]
