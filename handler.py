@@ -16,7 +16,6 @@ with PHASES.phase("import dia2_worker.worker"):
 
 def main() -> None:
     loading = start_loading()
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")  # the SDK's default, DEBUG, logs every yielded chunk
     with PHASES.phase("import runpod"):
         import runpod
 

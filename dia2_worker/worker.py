@@ -281,13 +281,36 @@ def _import_everything() -> None:
 
 
 def start_loading(env: Mapping[str, str] | None = None) -> Loading:
+    """Begin loading the service on a thread; the caller imports the RunPod SDK meanwhile."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Torch runs on two threads here (loading, then the scheduler). With OpenMP's default spin-waiting, the
     # idle team of one thread burns the cores the other needs: measured 10x slower CPU steps. Before torch
     # is imported, so libgomp reads it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")  # the SDK's default, DEBUG, logs every yielded chunk
     env = os.environ if env is None else env
-    return Loading(env, StartOptions.from_env(env))
+    options = StartOptions.from_env(env)
+    if options.overlap:
+        _skip_sdk_cpu_probe()
+    return Loading(env, options)
+
+
+def _skip_sdk_cpu_probe() -> None:
+    """`import runpod` spends ~1.1 s in py-cpuinfo's full probe (a subprocess) only to print the processor's
+    name in its debug output; answer that one question from /proc/cpuinfo instead."""
+    import platform
+
+    try:
+        import cpuinfo
+    except ImportError:  # a future SDK without it
+        return
+    name = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": name}
 
 
 class SdkLogHandler(logging.Handler):
