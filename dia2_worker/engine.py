@@ -133,7 +133,8 @@ Event = AudioFrame | Word
 
 @dataclass
 class GenerationState:
-    """B generations: cache rows (conditional rows 0..B-1, unconditional B..2B-1) and per-row state."""
+    """B generations: cache rows (generation b's conditional branch in row 2b, unconditional in 2b + 1, so the
+    first b generations are a contiguous view) and per-row state."""
 
     cache: KVCache
     stage_cache: KVCache
@@ -155,6 +156,16 @@ class GenerationState:
     @property
     def length(self) -> int:
         return self.audio.shape[2]
+
+    def head(self, count: int) -> "GenerationState":
+        """The first `count` generations, as views: stepping them updates those rows and no others."""
+        def cache(kv: KVCache) -> KVCache:
+            return KVCache(kv.keys[:, : 2 * count], kv.values[:, : 2 * count])
+
+        fields = {name: value[:count] for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return GenerationState(cache=cache(self.cache), stage_cache=cache(self.stage_cache),
+                               text=self.text.rows(slice(0, count)), sampling=self.sampling.rows(slice(0, count)),
+                               **fields)
 
 
 @dataclass
@@ -366,7 +377,7 @@ class Dia2Engine:
         for c, delay in enumerate(self.config.data.delay_pattern):
             delayed[c, delay: delay + T] = codes[c]
         state.audio[row, :, : delayed.shape[1]] = delayed
-        text_row = state.text.row(row)
+        text_row = state.text.rows(slice(row, row + 1))
         text_inputs = [(ids.bos, ids.pad)]
         forced = torch.ones(1, dtype=torch.bool, device=dev)
         for t in range(T):
@@ -380,7 +391,7 @@ class Dia2Engine:
                                delayed[:, :T].T)
         cond = torch.cat([torch.tensor(text_inputs[:T], device=dev), audio_in], dim=1)
         uncond = torch.cat([self.uncond_text.expand(T, 2), audio_in], dim=1)
-        rows = torch.tensor([row, state.batch + row], device=dev)
+        rows = torch.tensor([2 * row, 2 * row + 1], device=dev)
         positions = frames.expand(2, T)
         with torch.inference_mode():
             self.model.transformer(torch.stack([cond, uncond]), self.rope(state.length)[:, positions].unsqueeze(-2),
@@ -413,10 +424,10 @@ class Dia2Engine:
         # Audio inputs of frame t: the buffer's column t, BOS for codebooks whose delay has not passed.
         column = state.audio.gather(2, t.clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1))[..., 0]
         audio_in = torch.where(self.delays.unsqueeze(0) > t.unsqueeze(1), data.audio_bos_token_id, column)
-        tokens = torch.cat([torch.cat([state.text_tokens, audio_in], 1),
-                            torch.cat([self.uncond_text.expand(B, 2), audio_in], 1)])
-        positions = t.clamp(max=L - 1).repeat(2).unsqueeze(1)
-        slots = (t + state.slot_shift).clamp(max=state.cache.length - 1).repeat(2).unsqueeze(1)
+        tokens = torch.stack([torch.cat([state.text_tokens, audio_in], 1),
+                              torch.cat([self.uncond_text.expand(B, 2), audio_in], 1)], dim=1).flatten(0, 1)
+        positions = t.clamp(max=L - 1).repeat_interleave(2).unsqueeze(1)
+        slots = (t + state.slot_shift).clamp(max=state.cache.length - 1).repeat_interleave(2).unsqueeze(1)
         hidden, action_logits, cb0_logits = self.model.transformer(
             tokens.unsqueeze(1), self.rope(L)[:, positions].unsqueeze(-2), state.cache, slots, kv_len)
         hidden = hidden[:, 0]
@@ -444,9 +455,9 @@ class Dia2Engine:
         state.audio[:, 0].scatter_(1, write_at, token.unsqueeze(1))
         if host_sync:
             token.tolist()
-        main2, second2 = main.repeat(2), second.repeat(2)
+        main2, second2 = main.repeat_interleave(2), second.repeat_interleave(2)
         for s in range(cfg.num_stages):
-            logits = self.model.depformer(s, hidden, token.repeat(2), main2, second2, self.stage_ropes[s],
+            logits = self.model.depformer(s, hidden, token.repeat_interleave(2), main2, second2, self.stage_ropes[s],
                                           state.stage_cache)
             token = sample(guide(logits, sp.cfg_scale, sp.cfg_filter_k), sp.audio_temperature, sp.audio_top_k,
                            uniform(sp.seed, t, 2 + s))

@@ -1,4 +1,4 @@
-"""CUDA-graph capture of a whole frame: a switch around `Dia2Engine.step`, not a second implementation.
+"""CUDA-graph capture of whole frames: a switch around `Dia2Engine.step`, not a second implementation.
 
 One replay runs the backbone for both CFG branches, every depformer stage, guidance, sampling (seeded by
 integer hashing, so no generator state), the delay bookkeeping and the text state machine, all on the
@@ -12,15 +12,15 @@ from typing import Callable
 
 import torch
 
-from .engine import Dia2Engine, GenerationState, StepOutput
-
 WARMUP_STEPS = 2
 
 
-def capture(call: Callable[[], object], warmup: int = WARMUP_STEPS) -> tuple[Callable[[], None], object]:
+def capture(call: Callable[[], object], warmup: int = WARMUP_STEPS,
+            pool: tuple | None = None) -> tuple[Callable[[], None], object]:
     """`call` captured as one CUDA graph: run a few times on a side stream first (allocator, cuBLAS
     workspaces, lazily built tables), then recorded. Returns the replay function and what the captured
-    call returned (its output tensors, rewritten by every replay)."""
+    call returned (its output tensors, rewritten by every replay). Graphs sharing a `pool` must never
+    run concurrently."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -28,24 +28,32 @@ def capture(call: Callable[[], object], warmup: int = WARMUP_STEPS) -> tuple[Cal
             call()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         output = call()
     torch.cuda.synchronize()
     return graph.replay, output
 
 
-class StepGraph:
-    """`engine.step(state, kv_len)` captured once; `replay()` returns the same static StepOutput tensors.
+def bucket_sizes(slots: int) -> list[int]:
+    """Batch sizes to capture: powers of two below `slots`, and `slots`."""
+    sizes, size = [], 1
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return sizes + [slots]
 
-    Capturing runs the step a few times (warm-up, then capture), which advances every row of `state`:
-    capture before any generation joins, since joining resets a row entirely.
-    """
 
-    def __init__(self, engine: Dia2Engine, state: GenerationState, kv_len: int) -> None:
-        if state.frame.device.type != "cuda":
-            raise ValueError("CUDA graphs need the state on a CUDA device")
-        self._replay, self.output = capture(lambda: engine.step(state, kv_len))
+class FrameGraphs:
+    """`frame(b)` (a frame for the first b rows) captured for every bucket size; `run(count)` replays the
+    smallest that covers `count` rows. Capturing runs frames, which advances every row: capture before any
+    generation joins (joining resets a row entirely)."""
 
-    def replay(self) -> StepOutput:
-        self._replay()
-        return self.output
+    def __init__(self, frame: Callable[[int], torch.Tensor], slots: int) -> None:
+        pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
+        self.graphs = {size: capture(lambda size=size: frame(size), pool=pool) for size in bucket_sizes(slots)}
+
+    def run(self, count: int) -> torch.Tensor:
+        size = min(size for size in self.graphs if size >= count)
+        replay, output = self.graphs[size]
+        replay()
+        return output

@@ -7,7 +7,7 @@ depend on the other rows of the batch, need no host round trip and replay identi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -40,6 +40,10 @@ class SamplingParams:
         for name, value in values.items():
             getattr(self, name)[row] = value
 
+    def rows(self, rows: slice) -> "SamplingParams":
+        """A view of some rows."""
+        return SamplingParams(*(getattr(self, f.name)[rows] for f in fields(self)))
+
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixer on int64 tensors; constants < 2**31 keep every product below 2**63."""
@@ -59,11 +63,12 @@ def uniform(seed: torch.Tensor, frame: torch.Tensor, draw: int) -> torch.Tensor:
 
 
 def guide(logits: torch.Tensor, scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:
-    """CFG over [2B, V] logits (conditional rows first): keep conditional logits where the guided ones rank
-    in the top filter_k (ties kept), -inf elsewhere. Rows with scale 1 use the conditional logits as they are.
+    """CFG over [2B, V] logits (each generation's conditional row, then its unconditional one): keep conditional
+    logits where the guided ones rank in the top filter_k (ties kept), -inf elsewhere. Rows with scale 1 use
+    the conditional logits as they are.
     """
-    batch, vocab = logits.shape[0] // 2, logits.shape[1]
-    cond, uncond = logits[:batch].float(), logits[batch:].float()
+    vocab = logits.shape[1]
+    cond, uncond = logits[0::2].float(), logits[1::2].float()
     guided = torch.lerp(uncond, cond, scale.unsqueeze(1))
     k = filter_k.clamp(max=vocab)
     kth = guided.sort(dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))

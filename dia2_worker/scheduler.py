@@ -113,11 +113,11 @@ class BatchRunner:
         self.lag = lag
         self.decoder = SlotDecoder(engine, slots, graphs) if decode_audio else None
         self._in_flight: deque[_InFlight] = deque()
-        self._graph = None
+        self._graphs = None
         if graphs:
-            from .graphs import StepGraph
+            from .graphs import FrameGraphs
 
-            self._graph = StepGraph(engine, self.state, self.state.cache.length)
+            self._graphs = FrameGraphs(self._frame, slots)
 
     def free_rows(self) -> list[int]:
         return [row for row, slot in enumerate(self.slots) if slot is None]
@@ -167,12 +167,16 @@ class BatchRunner:
                 results[slot] = _merge(results[slot], emitted) if slot in results else emitted
         return results
 
-    def _launch(self) -> None:
-        engine = self.engine
-        out = (self._graph.replay() if self._graph
-               else engine.step(self.state, kv_len=self.state.cache.length, host_sync=self.host_sync))
-        packed = torch.cat([out.frame_tokens, torch.stack(
+    def _frame(self, count: int) -> torch.Tensor:
+        """One frame for the first `count` rows, packed as the host reads it: [count, C + 5]."""
+        out = self.engine.step(self.state.head(count), kv_len=self.state.cache.length, host_sync=self.host_sync)
+        return torch.cat([out.frame_tokens, torch.stack(
             [out.frame_index, out.word_entry, out.first_word_frame, out.done.long(), out.frame], dim=1)], dim=1)
+
+    def _launch(self) -> None:
+        """Run the rows up to the last occupied one (new generations take the lowest free row)."""
+        count = max(row for row, slot in enumerate(self.slots) if slot is not None) + 1
+        packed = self._graphs.run(count) if self._graphs else self._frame(count)
         ready = None
         if packed.is_cuda:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
@@ -180,7 +184,7 @@ class BatchRunner:
             ready = torch.cuda.Event()
             ready.record()
             packed = host
-        self._in_flight.append(_InFlight(packed, ready, list(self.slots)))
+        self._in_flight.append(_InFlight(packed, ready, self.slots[: packed.shape[0]]))
 
     def _collect(self, launched: _InFlight) -> dict[Slot, Emitted]:
         if launched.ready is not None:

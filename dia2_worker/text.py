@@ -167,9 +167,9 @@ class TextState:
                    zeros(batch, max_entries), zeros(batch), zeros(batch), zeros(batch), zeros(batch),
                    zeros(batch), zeros(batch), zeros(batch))
 
-    def row(self, row: int) -> "TextState":
-        """A one-row view: stepping it updates `row` of this state and no other."""
-        return TextState(*(getattr(self, f.name)[row: row + 1] for f in fields(self)))
+    def rows(self, rows: slice) -> "TextState":
+        """A view of some rows: stepping it updates those rows of this state and no others."""
+        return TextState(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     @property
     def capacity(self) -> tuple[int, int]:

@@ -131,3 +131,20 @@ def test_bad_requests_and_timeouts_fail_only_their_job(engine, solo):
         assert good.error is None and torch.equal(good.tokens, solo[4])
     finally:
         scheduler.close()
+
+
+def test_a_step_runs_only_the_rows_up_to_the_last_occupied_one(engine):
+    from dia2_worker.graphs import bucket_sizes
+
+    assert bucket_sizes(1) == [1] and bucket_sizes(8) == [1, 2, 4, 8] and bucket_sizes(6) == [1, 2, 4, 6]
+    plan = engine.prepare(REQUESTS[0])
+    runner = BatchRunner(engine, 4, plan.buffer_length, decode_audio=False)
+    first, _ = runner.join(plan)
+    second, _ = runner.join(plan)
+    runner.leave(first)  # row 0 free again, row 1 still running: rows 0 and 1 step, rows 2 and 3 do not
+    before = runner.state.frame.clone()
+    cache_before = runner.state.cache.keys[:, 4:].clone()
+    runner.step()
+    assert runner.state.frame.tolist() == [before[0] + 1, before[1] + 1, before[2], before[3]]
+    assert torch.equal(runner.state.cache.keys[:, 4:], cache_before)
+    assert second.row == 1 and runner.free_rows() == [0, 2, 3]

@@ -168,7 +168,7 @@ def test_one_row_view_leaves_other_rows_alone():
     for row in range(3):
         state.load_row(row, entries, 0, 2)
     before = {name: getattr(state, name).clone() for name in ("next_entry", "pending_pos", "look_pos")}
-    text_step(state.row(1), torch.tensor([0]), torch.tensor([1]), torch.tensor([False]), IDS, 2)
+    text_step(state.rows(slice(1, 2)), torch.tensor([0]), torch.tensor([1]), torch.tensor([False]), IDS, 2)
     assert int(state.next_entry[1]) == 1
     for name, old in before.items():
         new = getattr(state, name)
