@@ -34,31 +34,81 @@ class Emitted:
     frames_run: int = 0
 
 
+class HostCopy:
+    """A device tensor on its way to the host: a pinned buffer filled asynchronously, with an event to wait
+    on (on the CPU, the tensor itself)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event = None
+        if tensor.is_cuda:
+            self.tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.tensor.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tensor = tensor
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor
+
+
+def to_device(values: torch.Tensor, target: torch.Tensor) -> None:
+    """Host values into a device tensor without waiting (pinned staging on CUDA)."""
+    if target.is_cuda:
+        values = values.pin_memory()
+    target.copy_(values, non_blocking=True)
+
+
+class PendingAudio:
+    """Frames whose PCM the decoder is computing: call k holds each row's k-th frame."""
+
+    def __init__(self, frames: dict[int, list[AudioFrame]], calls: list[tuple[list[int], HostCopy]]) -> None:
+        self.frames, self.calls = frames, calls
+
+    def ready(self) -> bool:
+        return all(pcm.ready() for _, pcm in self.calls)
+
+    def result(self) -> dict[int, list[AudioFrame]]:
+        out: dict[int, list[AudioFrame]] = {row: [] for row in self.frames}
+        for k, (rows, pcm) in enumerate(self.calls):
+            samples = pcm.get().numpy()
+            for row in rows:
+                out[row].append(replace(self.frames[row][k], pcm=samples[row].copy()))
+        return out
+
+
 class SlotDecoder:
     """One streaming Mimi decoder with a row per slot. A call decodes one frame for each row that has one
     while the other rows keep their state untouched, so every slot shares the same call (and, on a GPU,
-    the same captured graph)."""
+    the same captured graph). Codes go in and PCM comes out without the host waiting on the device."""
 
     def __init__(self, engine: Dia2Engine, slots: int, graphs: bool) -> None:
         codec = engine.codec
-        self.frame_size = codec.frame_size
         self.decoder = codec.streaming_decoder(slots)
         self.codes = torch.zeros(slots, engine.config.num_codebooks, 1, dtype=torch.long, device=codec.device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=codec.device)
         if graphs:  # warm-up and capture run with no row active, so they change no state
             from .graphs import capture
 
-            replay, output = capture(lambda: self.decoder.step(self.codes, self.active))
+            replay, output = capture(lambda: self._call())
             self._decode = lambda: (replay(), output)[1]
         else:
-            self._decode = lambda: self.decoder.step(self.codes, self.active)
+            self._decode = self._call
+
+    def _call(self) -> torch.Tensor:
+        return self.decoder.step(self.codes, self.active)[:, 0].float()
 
     def reset(self, row: int) -> None:
         self.decoder.reset([row])
 
-    def decode(self, frames: dict[int, list[AudioFrame]]) -> dict[int, list[AudioFrame]]:
-        """Frames per row -> the same frames with their PCM; call k decodes each row's k-th frame."""
-        out: dict[int, list[AudioFrame]] = {row: [] for row in frames}
+    def submit(self, frames: dict[int, list[AudioFrame]]) -> PendingAudio:
+        """Queue the decode of each row's frames, in order."""
+        calls = []
         for k in range(max((len(f) for f in frames.values()), default=0)):
             rows = [row for row, row_frames in frames.items() if len(row_frames) > k]
             codes = torch.zeros(self.codes.shape, dtype=torch.long)
@@ -66,13 +116,11 @@ class SlotDecoder:
             for row in rows:
                 codes[row, :, 0] = frames[row][k].tokens
                 active[row] = True
-            self.codes.copy_(codes)
-            self.active.copy_(active)
+            to_device(codes, self.codes)
+            to_device(active, self.active)
             with torch.inference_mode():
-                pcm = self._decode()[:, 0].float().cpu().numpy()
-            for row in rows:
-                out[row].append(replace(frames[row][k], pcm=pcm[row].copy()))
-        return out
+                calls.append((rows, HostCopy(self._decode())))
+        return PendingAudio(frames, calls)
 
 
 @dataclass(eq=False)
@@ -89,18 +137,36 @@ class Slot:
 class _InFlight:
     """A launched step whose outputs are on their way to the host."""
 
-    packed: torch.Tensor            # [B, C + 5] host copy (pinned on CUDA)
-    ready: torch.cuda.Event | None  # None on CPU: the copy is already complete
+    packed: HostCopy                # [B, C + 5]
     owners: list[Slot | None]       # who held each row when the step was launched
+
+
+@dataclass
+class _Delivery:
+    """What collected steps produced, waiting for the PCM of their frames."""
+
+    events: dict[Slot, list]
+    audio: PendingAudio | None
+    progress: dict[Slot, tuple[bool, int]]  # finished and frames run, as of these events
+
+    def ready(self) -> bool:
+        return self.audio is None or self.audio.ready()
+
+    def emitted(self) -> dict[Slot, Emitted]:
+        frames = self.audio.result() if self.audio is not None else {
+            slot.row: [e for e in events if isinstance(e, AudioFrame)] for slot, events in self.events.items()}
+        return {slot: Emitted(frames[slot.row], [e for e in events if isinstance(e, Word)], *self.progress[slot])
+                for slot, events in self.events.items()}
 
 
 class BatchRunner:
     """Steps `slots` generation rows of one preallocated state. Not thread-safe: one owner drives it.
 
     Steps are launched ahead of reading their results: at most `lag` steps are in flight, their outputs
-    copied to the host asynchronously, so the device never waits on the host. A finished row keeps
-    stepping (its outputs are ignored) until the host has seen it finish; rows are tagged with the slot
-    that held them at launch, so a slot freed and reused in between cannot receive stale frames.
+    copied to the host asynchronously, so the device never waits on the host; decoding to PCM is queued the
+    same way, a step behind. A finished row keeps stepping (its outputs are ignored) until the host has seen
+    it finish; rows are tagged with the slot that held them at launch, so a slot freed and reused in between
+    cannot receive stale frames.
     """
 
     def __init__(self, engine: Dia2Engine, slots: int, length: int, *, decode_audio: bool,
@@ -113,6 +179,8 @@ class BatchRunner:
         self.lag = lag
         self.decoder = SlotDecoder(engine, slots, graphs) if decode_audio else None
         self._in_flight: deque[_InFlight] = deque()
+        self._decoding: deque[_Delivery] = deque()
+        self._ready: dict[Slot, Emitted] = {}
         self._graphs = None
         if graphs:
             from .graphs import FrameGraphs
@@ -148,7 +216,10 @@ class BatchRunner:
         if bool(engine.finished(self.state)[slot.row]):
             events += slot.window.finish()
             slot.finished = True
-        return slot, self._emit({slot: events})[slot]
+            self.leave(slot)
+        self._emit({slot: events})
+        self._deliver(wait=True)
+        return slot, self._ready.pop(slot)
 
     def leave(self, slot: Slot) -> None:
         """Free the slot's row now; its steps still in flight are dropped when they arrive."""
@@ -156,16 +227,16 @@ class BatchRunner:
             self.slots[slot.row] = None
 
     def step(self) -> dict[Slot, Emitted]:
-        """Launch one frame for every row, then collect every step whose outputs have arrived (all but the
-        last `lag`). Returns what each slot produced in the collected steps."""
+        """Launch one frame for every row, collect the steps whose outputs have arrived (all but the last
+        `lag`), and return what each slot produced that is complete with its PCM."""
         if self.active:
             self._launch()
-        results: dict[Slot, Emitted] = {}
         while self._in_flight and (len(self._in_flight) > self.lag or not self.active
-                                   or _arrived(self._in_flight[0])):
-            for slot, emitted in self._collect(self._in_flight.popleft()).items():
-                results[slot] = _merge(results[slot], emitted) if slot in results else emitted
-        return results
+                                   or self._in_flight[0].packed.ready()):
+            self._emit(self._collect(self._in_flight.popleft()))
+        self._deliver(wait=not self.active)
+        ready, self._ready = self._ready, {}
+        return ready
 
     def _frame(self, count: int) -> torch.Tensor:
         """One frame for the first `count` rows, packed as the host reads it: [count, C + 5]."""
@@ -177,20 +248,12 @@ class BatchRunner:
         """Run the rows up to the last occupied one (new generations take the lowest free row)."""
         count = max(row for row, slot in enumerate(self.slots) if slot is not None) + 1
         packed = self._graphs.run(count) if self._graphs else self._frame(count)
-        ready = None
-        if packed.is_cuda:
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            packed = host
-        self._in_flight.append(_InFlight(packed, ready, self.slots[: packed.shape[0]]))
+        self._in_flight.append(_InFlight(HostCopy(packed), self.slots[: packed.shape[0]]))
 
-    def _collect(self, launched: _InFlight) -> dict[Slot, Emitted]:
-        if launched.ready is not None:
-            launched.ready.synchronize()
+    def _collect(self, launched: _InFlight) -> dict[Slot, list]:
+        """A step's outputs -> each slot's new events; a finished slot leaves its row now."""
         C = self.engine.config.num_codebooks
-        table = launched.packed.tolist()
+        table = launched.packed.get().tolist()
         events: dict[Slot, list] = {}
         for row, slot in enumerate(launched.owners):
             if slot is None or slot.finished or self.slots[row] is not slot:
@@ -207,25 +270,22 @@ class BatchRunner:
             if done:
                 slot_events += window.finish()
                 slot.finished = True
-            events[slot] = slot_events
-        return self._emit(events)
-
-    def _emit(self, events: dict[Slot, list]) -> dict[Slot, Emitted]:
-        """Events per slot -> Emitted per slot: all slots' new frames decoded together; finished slots leave."""
-        frames = {slot.row: [e for e in slot_events if isinstance(e, AudioFrame)] for slot, slot_events in events.items()}
-        if self.decoder is not None:
-            frames = self.decoder.decode(frames)
-        emitted = {}
-        for slot, slot_events in events.items():
-            if slot.finished:
                 self.leave(slot)
-            emitted[slot] = Emitted(frames[slot.row], [e for e in slot_events if isinstance(e, Word)],
-                                    slot.finished, slot.frames_run)
-        return emitted
+            events[slot] = slot_events
+        return events
 
+    def _emit(self, events: dict[Slot, list]) -> None:
+        """Queue the decode of the new frames of every slot (one decoder call for all of them)."""
+        frames = {slot.row: [e for e in slot_events if isinstance(e, AudioFrame)] for slot, slot_events in events.items()}
+        audio = self.decoder.submit(frames) if self.decoder is not None else None
+        self._decoding.append(_Delivery(events, audio, {slot: (slot.finished, slot.frames_run) for slot in events}))
 
-def _arrived(launched: _InFlight) -> bool:
-    return launched.ready is None or launched.ready.query()
+    def _deliver(self, wait: bool) -> None:
+        """Move decoded deliveries, in order, to the ready outputs (waiting for them all when `wait`, and for
+        the oldest when more than `lag` are queued)."""
+        while self._decoding and (wait or len(self._decoding) > self.lag or self._decoding[0].ready()):
+            for slot, emitted in self._decoding.popleft().emitted().items():
+                self._ready[slot] = _merge(self._ready[slot], emitted) if slot in self._ready else emitted
 
 
 def _merge(first: Emitted, then: Emitted) -> Emitted:

@@ -148,3 +148,27 @@ def test_a_step_runs_only_the_rows_up_to_the_last_occupied_one(engine):
     assert runner.state.frame.tolist() == [before[0] + 1, before[1] + 1, before[2], before[3]]
     assert torch.equal(runner.state.cache.keys[:, 4:], cache_before)
     assert second.row == 1 and runner.free_rows() == [0, 2, 3]
+
+
+def test_late_pcm_keeps_every_slots_output_in_order(engine, solo, monkeypatch):
+    """As on a GPU, where decoded audio arrives a few steps late: deliveries wait for their PCM in order."""
+    from dia2_worker import scheduler
+
+    monkeypatch.setattr(scheduler.PendingAudio, "ready", lambda self: False)  # never early: only when forced
+    plans = [engine.prepare(request) for request in REQUESTS[:3]]
+    runner = BatchRunner(engine, 2, max(p.buffer_length for p in plans), decode_audio=True, lag=2)
+    outputs: dict[int, list[Emitted]] = {i: [] for i in range(3)}
+    job_of, waiting = {}, [0, 1, 2]
+    while waiting or any(not out or not out[-1].finished for out in outputs.values()):
+        while waiting and runner.free_rows():
+            slot, emitted = runner.join(plans[waiting[0]])
+            job_of[slot] = waiting.pop(0)
+            outputs[job_of[slot]].append(emitted)
+        for slot, emitted in runner.step().items():
+            assert not outputs[job_of[slot]][-1].finished, "nothing may follow a finished output"
+            outputs[job_of[slot]].append(emitted)
+    for i, emitted in outputs.items():
+        frames = [f for e in emitted for f in e.frames]
+        assert torch.equal(torch.stack([f.tokens for f in frames], dim=1), solo[i])
+        assert all(f.pcm is not None for f in frames)
+        assert [e.finished for e in emitted] == [False] * (len(emitted) - 1) + [True]
