@@ -21,6 +21,7 @@ from .timing import PHASES
 log = logging.getLogger("dia2_worker")
 
 WARMUP_SCRIPT = "[S1] Warming up. [S2] Ready."
+WARMUP_CPU_STEPS = 3
 MAX_DEFAULT_SLOTS = 64
 
 
@@ -157,17 +158,23 @@ class WorkerService:
         return service
 
     def warm_up(self) -> None:
-        """A generation through the whole path (scheduler, graphs, streaming decode) up to its first audio
-        frame, before any job; then it is cancelled."""
+        """A generation through the whole path before any job, then cancelled: on a GPU up to its first audio
+        frame (graph replays, the decoder's graph, cuBLAS handles); on a CPU, which has nothing to capture,
+        for a few frames (a frame of a 2B model takes seconds there)."""
         from .engine import GenerationParams, GenerationRequest
 
         done = threading.Event()
         errors: list[BaseException] = []
+        outputs = [0]
+        enough = 10**9 if self.scheduler.engine.device.type == "cuda" else WARMUP_CPU_STEPS
 
         def on_output(out) -> None:
             if isinstance(out, BaseException):
                 errors.append(out)
-            if isinstance(out, BaseException) or out.frames or out.finished:
+                done.set()
+                return
+            outputs[0] += 1
+            if out.frames or out.finished or outputs[0] > enough:
                 done.set()
 
         ticket = self.scheduler.submit(GenerationRequest(WARMUP_SCRIPT, GenerationParams(seed=0)), on_output)
