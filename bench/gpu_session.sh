@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh speed         bench: 2b and 1b, all modes; streaming Mimi decode in bf16
 #   bash bench/gpu_session.sh concurrency   bench: 2b, batches 1..128
 #   bash bench/gpu_session.sh coldstart     bake a 2B-shaped random checkpoint, then coldstart with --baseline
+#   bash bench/gpu_session.sh compiled      bench: 2b, graph vs graph-compiled (torch.compile inside the graph)
 # Results go to $OUT (the device tool brings them back); commit them under bench/results/.
 # The machine has torch but not every pure-Python package: carry runpod, soundfile, boto3 (and their
 # missing dependencies) as wheels in .whl (the device README's recipe); this script installs them if present.
@@ -37,8 +38,12 @@ case "${1:-}" in
     python3 -m dia2_worker.coldstart --model-dir /tmp/dia2-2b --runs 3 --device cuda --baseline \
       --json "$OUT/coldstart-2b.json" 2>&1 | tee "$OUT/coldstart.log"
     ;;
+  compiled)
+    python3 -m dia2_worker.bench --shape 2b --frames 200 --modes eager-bf16,graph,graph-compiled \
+      --json "$OUT/bench-2b-compiled.json" 2>&1 | tee "$OUT/compiled.log"
+    ;;
   *)
-    echo "usage: bash bench/gpu_session.sh proofs|speed|concurrency|coldstart" >&2
+    echo "usage: bash bench/gpu_session.sh proofs|speed|concurrency|coldstart|compiled" >&2
     exit 2
     ;;
 esac

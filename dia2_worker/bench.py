@@ -62,6 +62,7 @@ class Mode:
     host_sync: bool  # read each sampled token back to the host as it is drawn (per stage)
     lag: int         # steps in flight before their outputs are read back
     graphs: bool     # the whole step replayed as one CUDA graph (and the Mimi decode step as another)
+    compile: bool = False  # the step's kernels fused by torch.compile (inside the graph)
 
 
 MODES = {
@@ -69,6 +70,7 @@ MODES = {
     "eager-fp32": Mode(torch.float32, host_sync=False, lag=LAG, graphs=False),
     "eager-bf16": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=False),
     "graph": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=True),
+    "graph-compiled": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=True, compile=True),
 }
 
 
@@ -77,7 +79,7 @@ def default_modes(device: torch.device, concurrency: bool) -> list[str]:
     if concurrency:
         return ["graph" if device.type == "cuda" else "eager-fp32"]
     if device.type == "cuda":
-        return list(MODES)
+        return [name for name, mode in MODES.items() if not mode.compile]  # compiling takes minutes: ask for it
     return ["reference-like", "eager-fp32"]
 
 
@@ -153,7 +155,7 @@ def requests(engine: Dia2Engine, seed: int) -> dict[str, GenerationRequest]:
 
 def new_runner(engine: Dia2Engine, mode: Mode, batch: int) -> BatchRunner:
     return BatchRunner(engine, batch, engine.buffer_length(), decode_audio=False, lag=mode.lag, graphs=mode.graphs,
-                       host_sync=mode.host_sync)
+                       host_sync=mode.host_sync, compile=mode.compile)
 
 
 def _run(runner: BatchRunner, plans: list[GenerationPlan], steps: int, clock: Clock) -> tuple[list[Slot], list[float]]:

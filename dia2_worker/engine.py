@@ -407,7 +407,7 @@ class Dia2Engine:
                                               length, self.device)
         return self._ropes[length]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self, state: GenerationState, kv_len: int, host_sync: bool = False) -> StepOutput:
         """Advance every row by one frame. Pure tensor work: no host syncs, so it can be graph-captured.
         Rows that are finished run too (their results are ignored), which keeps shapes static.

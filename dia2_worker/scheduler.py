@@ -171,7 +171,7 @@ class BatchRunner:
 
     def __init__(self, engine: Dia2Engine, slots: int, length: int, *, decode_audio: bool,
                  max_entries: int | None = None, max_tokens: int | None = None, lag: int = 0,
-                 graphs: bool = False, host_sync: bool = False) -> None:
+                 graphs: bool = False, host_sync: bool = False, compile: bool = False) -> None:
         self.engine = engine
         self.host_sync = host_sync  # the reference-like baseline: every sampled token read back at once
         self.state = engine.new_state(slots, length, max_entries, max_tokens)
@@ -182,6 +182,8 @@ class BatchRunner:
         self._decoding: deque[_Delivery] = deque()
         self._ready: dict[Slot, Emitted] = {}
         self._graphs = None
+        if compile:  # fuse the step's many small kernels; one compiled graph per batch size (no dynamic shapes)
+            self._frame = torch.compile(self._frame, dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
         if graphs:
             from .graphs import FrameGraphs
 
@@ -345,8 +347,9 @@ class Scheduler:
     all active ones together."""
 
     def __init__(self, engine: Dia2Engine, slots: int, length: int, *, decode_audio: bool = True,
-                 lag: int = 0, graphs: bool = False) -> None:
-        self.runner = BatchRunner(engine, slots, length, decode_audio=decode_audio, lag=lag, graphs=graphs)
+                 lag: int = 0, graphs: bool = False, compile: bool = False) -> None:
+        self.runner = BatchRunner(engine, slots, length, decode_audio=decode_audio, lag=lag, graphs=graphs,
+                                  compile=compile)
         self.engine = engine
         self._waiting: deque[Ticket] = deque()
         self._running: dict[Slot, Ticket] = {}

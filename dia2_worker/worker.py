@@ -39,6 +39,9 @@ class WorkerSettings:
     """MAX_CONCURRENCY: jobs RunPod hands this worker at once (default: SLOTS); extra ones wait in order."""
     cuda_graphs: bool
     """CUDA_GRAPHS: capture each frame as one CUDA graph (default on for CUDA)."""
+    torch_compile: bool
+    """TORCH_COMPILE: fuse the frame's kernels with torch.compile (default off: compiling costs minutes at
+    start until its cache is baked into the image)."""
     job_timeout_s: float | None
     """JOB_TIMEOUT_S: stop a generation running longer than this (default: none)."""
     inline_audio_max_bytes: int
@@ -62,6 +65,7 @@ class WorkerSettings:
             slots=env_number(env, "SLOTS", int, Range(1, 1024), None),
             max_concurrency=env_number(env, "MAX_CONCURRENCY", int, Range(1, 4096), None),
             cuda_graphs=env_flag(env, "CUDA_GRAPHS", device.startswith("cuda")),
+            torch_compile=env_flag(env, "TORCH_COMPILE", False),
             job_timeout_s=env_number(env, "JOB_TIMEOUT_S", float, Range(1.0, 86400.0), None),
             inline_audio_max_bytes=env_number(env, "INLINE_AUDIO_MAX_BYTES", int, Range(0, 64 * 1024 * 1024),
                                               8 * 1024 * 1024),
@@ -143,7 +147,7 @@ class WorkerService:
                  slot_bytes(engine, length) / 2**20)
         with PHASES.phase("scheduler (caches, graphs)"):
             scheduler = Scheduler(engine, slots, length, decode_audio=True, graphs=settings.cuda_graphs,
-                                  lag=2 if settings.cuda_graphs else 0)
+                                  lag=2 if settings.cuda_graphs else 0, compile=settings.torch_compile)
         runner = JobRunner(scheduler, storage, limits, RunnerSettings(
             inline_audio_max_bytes=settings.inline_audio_max_bytes,
             spool_dir=storage_settings.output_dir / "spool",
