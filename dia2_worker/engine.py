@@ -98,19 +98,35 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class PrefixPlan:
+    """A voice prefix ready to prefill: its codes and the text inputs of its frames."""
+
+    codes: torch.Tensor               # aligned prefix codes [C, T], on the engine's device
+    text_inputs: torch.Tensor         # [T, 2] conditional (main, second) input of each prefix frame, on the CPU
+    words: tuple[tuple[int, int], ...]  # (entry, frame) of the prefix words consumed by the warm-up
+    entry_count: int
+
+
+@dataclass(frozen=True)
 class GenerationPlan:
-    """Everything host-side a generation needs, computed once before it joins a batch."""
+    """Everything a generation needs before it joins a batch, computed off the step loop: validated
+    parameters, the script's entries, the text state machine's row ready to copy (already run through the
+    voice prefix's frames, which need no model), and the prefix's codes."""
 
     entries: tuple[Entry, ...]
     params: GenerationParams          # seed resolved
-    prefix_codes: torch.Tensor | None  # aligned prefix codes [C, T]
-    prefix_new_word_steps: frozenset[int]
-    prefix_entry_count: int
+    text: TextState                   # one row, on the CPU
+    text_tokens: tuple[int, int]      # conditional (main, second) input of the start frame
+    prefix: PrefixPlan | None
     include_prefix: bool
     start_frame: int
     max_frames: int
     buffer_length: int
     main_carries_new_word: bool       # if not, the crop is known before the first frame
+
+    @property
+    def prefix_entry_count(self) -> int:
+        return 0 if self.prefix is None else self.prefix.entry_count
 
 
 @dataclass(frozen=True)
@@ -267,17 +283,33 @@ class Dia2Engine:
         return params, entries, max_frames
 
     def prepare(self, request: GenerationRequest) -> GenerationPlan:
-        """`check`, then encode the voice prefix (device work) into a plan."""
+        """`check`, encode the voice prefix and run the text machine through its frames. Safe from any thread:
+        the device work is the prefix's Mimi encode."""
         params, entries, max_frames = self.check(request)
         prefix_entries_, steps, codes = self._prefix(request.prefix) if request.prefix else ([], [], None)
-        frames_prefix = 0 if codes is None else codes.shape[1]
         all_entries = tuple(prefix_entries_ + entries)
+        cpu = torch.device("cpu")
+        text = TextState.allocate(1, len(all_entries), max(1, sum(len(e.tokens) for e in all_entries)), cpu)
+        text.load_row(0, all_entries, params.initial_padding, self.ahead)
+        text_tokens, prefix = (self.ids.bos, self.ids.pad), None
+        if codes is not None:
+            inputs = [text_tokens]
+            forced = torch.ones(1, dtype=torch.bool)
+            for t in range(codes.shape[1]):
+                token = self.ids.new_word if t in steps else self.ids.pad
+                main, second = text_step(text, torch.tensor([t]), torch.tensor([token]), forced, self.ids, self.ahead)
+                inputs.append((int(main), int(second)))
+            text_tokens = inputs.pop()
+            consumed = text.word_step[0, : int(text.next_entry[0])].tolist()
+            prefix = PrefixPlan(codes, torch.tensor(inputs), tuple((e, f) for e, f in enumerate(consumed) if f >= 0),
+                                len(prefix_entries_))
+        frames_prefix = 0 if codes is None else codes.shape[1]
         return GenerationPlan(
             entries=all_entries,
             params=params,
-            prefix_codes=codes,
-            prefix_new_word_steps=frozenset(steps),
-            prefix_entry_count=len(prefix_entries_),
+            text=text,
+            text_tokens=text_tokens,
+            prefix=prefix,
             include_prefix=bool(request.prefix and request.prefix.include_audio),
             start_frame=max(frames_prefix - 1, 0),
             max_frames=max_frames,
@@ -344,60 +376,50 @@ class Dia2Engine:
         )
 
     def start(self, state: GenerationState, row: int, plan: GenerationPlan) -> list[tuple[int, int]]:
-        """Put a planned generation in `row`: reset its state and run its voice prefix through the backbone.
+        """Put a planned generation in `row`: reset its state and prefill its voice prefix through the backbone.
 
-        Returns the (entry, frame) words the prefix warm-up consumed.
+        Returns the (entry, frame) words the prefix consumed.
         """
         if plan.buffer_length > state.length:
             raise ValueError(f"plan needs {plan.buffer_length} buffer frames, the state holds {state.length}")
-        p, ids = plan.params, self.ids
-        state.text.load_row(row, plan.entries, p.initial_padding, self.ahead)
+        p = plan.params
+        state.text.copy_row(row, plan.text)
         state.sampling.load_row(row, text_temperature=p.text_temperature, text_top_k=p.text_top_k,
                                 audio_temperature=p.audio_temperature, audio_top_k=p.audio_top_k,
                                 cfg_scale=p.cfg_scale, cfg_filter_k=p.cfg_filter_k, seed=p.seed)
         state.audio[row] = UNGENERATED
-        state.text_tokens[row] = torch.tensor([ids.bos, ids.pad])
+        state.text_tokens[row] = torch.tensor(plan.text_tokens)
         state.frame[row] = plan.start_frame
-        state.slot_shift[row] = 0 if plan.prefix_codes is None else 1
+        state.slot_shift[row] = 0 if plan.prefix is None else 1
         state.stop_frame[row] = min(plan.start_frame + plan.max_frames, plan.buffer_length - 1)
         state.eos_cutoff[row] = NEVER
         state.first_word_frame[row] = NOT_SET
         state.initial_padding[row] = p.initial_padding
-        if plan.prefix_codes is None:
+        if plan.prefix is None:
             return []
-        return self._warm_up(state, row, plan)
+        self._prefill(state, row, plan.prefix)
+        return list(plan.prefix.words)
 
-    def _warm_up(self, state: GenerationState, row: int, plan: GenerationPlan) -> list[tuple[int, int]]:
-        """Prefix frames 0..T-1 in one backbone pass: their text inputs come from the state machine forced with
-        the prefix's new-word steps, so they are known before the model runs."""
-        codes, ids, dev = plan.prefix_codes, self.ids, self.device
+    def _prefill(self, state: GenerationState, row: int, prefix: PrefixPlan) -> None:
+        """Prefix frames 0..T-1 through the backbone in one pass (their text inputs are known: the state
+        machine was forced through them while planning), writing the cache and the delayed audio buffer."""
+        codes, dev = prefix.codes, self.device
         T = codes.shape[1]
         delayed = torch.full((codes.shape[0], T + self.max_delay), self.config.data.audio_pad_token_id,
                              dtype=torch.long, device=dev)
         for c, delay in enumerate(self.config.data.delay_pattern):
             delayed[c, delay: delay + T] = codes[c]
         state.audio[row, :, : delayed.shape[1]] = delayed
-        text_row = state.text.rows(slice(row, row + 1))
-        text_inputs = [(ids.bos, ids.pad)]
-        forced = torch.ones(1, dtype=torch.bool, device=dev)
-        for t in range(T):
-            token = ids.new_word if t in plan.prefix_new_word_steps else ids.pad
-            main, second = text_step(text_row, torch.tensor([t], device=dev), torch.tensor([token], device=dev),
-                                     forced, ids, self.ahead)
-            text_inputs.append((int(main), int(second)))
-        state.text_tokens[row] = torch.tensor(text_inputs[-1])
         frames = torch.arange(T, device=dev)
         audio_in = torch.where(self.delays.unsqueeze(0) > frames.unsqueeze(1), self.config.data.audio_bos_token_id,
                                delayed[:, :T].T)
-        cond = torch.cat([torch.tensor(text_inputs[:T], device=dev), audio_in], dim=1)
+        cond = torch.cat([prefix.text_inputs.to(dev), audio_in], dim=1)
         uncond = torch.cat([self.uncond_text.expand(T, 2), audio_in], dim=1)
         rows = torch.tensor([2 * row, 2 * row + 1], device=dev)
         positions = frames.expand(2, T)
         with torch.inference_mode():
             self.model.transformer(torch.stack([cond, uncond]), self.rope(state.length)[:, positions].unsqueeze(-2),
                                    state.cache, positions, T, rows=rows)
-        steps = state.text.word_step[row].tolist()
-        return [(e, steps[e]) for e in range(int(state.text.next_entry[row])) if steps[e] >= 0]
 
     def rope(self, length: int) -> torch.Tensor:
         """Backbone cos/sin tables [2, length, D], cached per buffer length."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from . import audio
-from .engine import GenerationParamError, GenerationParams, GenerationRequest, PrefixSpeech, VoicePrefix
+from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
 from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, parse_job,
                    progress_item, result_item, words_item)
 from .scheduler import Emitted, JobTimeout, Scheduler
@@ -66,25 +66,26 @@ class JobRunner:
     async def run(self, job_id: str, raw_input: object, received_at: float | None = None) -> AsyncIterator[dict]:
         """Yield the job's stream items; a failed job ends with one {"error": ...} item."""
         received_at = time.monotonic() if received_at is None else received_at
+        engine = self.scheduler.engine
         try:
             job = await asyncio.to_thread(parse_job, raw_input, self.limits)
-            request = to_generation_request(job, self.scheduler.engine.max_delay)
-            self.scheduler.engine.check(request)
+            # Planning (tokenising, the voice prefix's Mimi encode) happens here, off the scheduler's thread.
+            plan = await asyncio.to_thread(engine.prepare, to_generation_request(job, engine.max_delay))
         except JobInputError as exc:
             yield {"error": str(exc)}
             return
         except GenerationParamError as exc:
             yield {"error": _job_error(exc)}
             return
-        async for item in self._generate(job_id, job, request, received_at):
+        async for item in self._generate(job_id, job, plan, received_at):
             yield item
 
-    async def _generate(self, job_id: str, job: JobRequest, request: GenerationRequest,
+    async def _generate(self, job_id: str, job: JobRequest, plan: GenerationPlan,
                         received_at: float) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         deadline = None if self.settings.job_timeout_s is None else time.monotonic() + self.settings.job_timeout_s
-        ticket = self.scheduler.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
+        ticket = self.scheduler.submit(plan, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
                                        deadline)
         stream = _AudioStream(job, self.sample_rate)
         ttfa_ms = None
@@ -114,7 +115,7 @@ class JobRunner:
             frames=stream.frames,
         )
         yield await asyncio.to_thread(self._store, job_id, job, wav, duration_s, stream.timestamps,
-                                      ticket.plan.params.seed, metrics)
+                                      plan.params.seed, metrics)
 
     def _store(self, job_id: str, job: JobRequest, wav: bytes, duration_s: float,
                timestamps: list[tuple[str, float]], seed: int, metrics: JobMetrics) -> dict:

@@ -325,7 +325,7 @@ class Ticket:
     """A submitted generation. `on_output` is called on the scheduler thread with each step's Emitted, or
     with the exception that ended it; after a finished Emitted or an exception it is not called again."""
 
-    request: GenerationRequest
+    request: GenerationRequest | GenerationPlan  # a plan made beforehand keeps the planning off this thread
     on_output: Callable[[Output], None]
     deadline: float | None = None
     plan: GenerationPlan | None = None
@@ -365,7 +365,7 @@ class Scheduler:
     def slots(self) -> int:
         return len(self.runner.slots)
 
-    def submit(self, request: GenerationRequest, on_output: Callable[[Output], None],
+    def submit(self, request: GenerationRequest | GenerationPlan, on_output: Callable[[Output], None],
                deadline: float | None = None) -> Ticket:
         ticket = Ticket(request, on_output, deadline)
         with self._wake:
@@ -413,7 +413,8 @@ class Scheduler:
             if ticket.cancelled:
                 continue
             try:
-                ticket.plan = self.engine.prepare(ticket.request)
+                request = ticket.request
+                ticket.plan = request if isinstance(request, GenerationPlan) else self.engine.prepare(request)
                 ticket.started_at = time.monotonic()
                 slot, emitted = self.runner.join(ticket.plan)
             except Exception as exc:  # a bad request fails its own job only

@@ -171,6 +171,21 @@ class TextState:
         """A view of some rows: stepping it updates those rows of this state and no others."""
         return TextState(*(getattr(self, f.name)[rows] for f in fields(self)))
 
+    def copy_row(self, row: int, source: "TextState") -> None:
+        """Row 0 of `source` (a state built on the host, possibly smaller) into `row` of this one."""
+        max_entries, max_tokens = self.capacity
+        entries, tokens = source.capacity
+        if entries > max_entries or tokens > max_tokens:
+            raise ValueError(f"a script of {entries} entries / {tokens} tokens exceeds the text state's "
+                             f"capacity of {max_entries} entries / {max_tokens} tokens")
+        for f in fields(self):
+            target, value = getattr(self, f.name)[row], getattr(source, f.name)[0]
+            if target.dim():
+                target.fill_(-1 if f.name == "word_step" else 0)
+                target[: value.shape[0]] = value
+            else:
+                target.copy_(value)
+
     @property
     def capacity(self) -> tuple[int, int]:
         """(max entries, max tokens) a row can hold."""

@@ -179,3 +179,21 @@ def test_load_row_rejects_scripts_over_capacity():
     state = TextState.allocate(1, 2, 4, torch.device("cpu"))
     with pytest.raises(ValueError, match="capacity"):
         state.load_row(0, [Entry((1, 2, 3), "a", 3), Entry((4, 5), "b", 2)], 0, 0)
+
+
+def test_copy_row_matches_loading_in_place():
+    entries = [Entry((11, 12), "a", 2), Entry((), "", 3), Entry((13,), "b", 1), Entry((14, 15, 16), "c", 3)]
+    small = TextState.allocate(1, len(entries), 6, torch.device("cpu"))
+    small.load_row(0, entries, 1, 2)
+    text_step(small, torch.tensor([0]), torch.tensor([7]), torch.tensor([True]), IDS, 2)  # advance it a little
+    big, expected = (TextState.allocate(3, 8, 16, torch.device("cpu")) for _ in range(2))
+    big.load_row(1, [Entry((1,), "x", 1)] * 5, 0, 0)  # stale content the copy must clear
+    expected.load_row(1, entries, 1, 2)
+    text_step(expected.rows(slice(1, 2)), torch.tensor([0]), torch.tensor([7]), torch.tensor([True]), IDS, 2)
+    big.copy_row(1, small)
+    for name in ("flat", "entry_start", "entry_len", "entry_padding", "entry_lookahead", "word_step", "num_entries",
+                 "next_entry", "pending_pos", "pending_end", "look_pos", "look_end", "padding_budget",
+                 "forced_padding", "end_step"):
+        assert torch.equal(getattr(big, name)[1], getattr(expected, name)[1]), name
+    with pytest.raises(ValueError, match="capacity"):
+        TextState.allocate(1, 2, 4, torch.device("cpu")).copy_row(0, big)
