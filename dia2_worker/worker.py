@@ -7,6 +7,7 @@ overlap the SDK's slow import; `WorkerService.handle` is the async generator Run
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -141,7 +142,8 @@ class WorkerService:
                 raise WorkerConfigError(f"MAX_DURATION_S: the model's context holds at most {max_duration:g} s, "
                                         f"got {limits.max_duration_s:g}")
             limits = replace(limits, max_duration_s=max_duration)
-        length = engine.buffer_length(prefix_frames=round(2 * limits.max_prefix_audio_s * 12.5) + 1)
+        # Two prefix speakers of the longest allowed audio (a partial frame still takes a frame).
+        length = engine.buffer_length(prefix_frames=2 * (math.ceil(limits.max_prefix_audio_s * 12.5) + 1))
         slots = settings.slots or default_slots(engine, length)
         log.info("slots: %d generations of up to %d frames, %.1f MiB of cache each", slots, length,
                  slot_bytes(engine, length) / 2**20)
