@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -217,3 +218,46 @@ def test_local_api_and_client(moto: MotoServer, tiny_dir: Path, tmp_path: Path) 
         stored = moto.client().get_object(Bucket=bucket, Key=result["key"])["Body"].read()
         assert wav_samples(out.read_bytes()) == wav_samples(stored)
         assert result["sha256"] == items[-1]["sha256"]  # same seed, same audio
+
+
+def test_voice_prefix_jobs_reproduce_the_golden_case(plane: ControlPlane, worker, moto: MotoServer, tiny_dir: Path,
+                                                     golden, golden_cases, tmp_path: Path) -> None:
+    """A prefix sent inline and the same prefix fetched from a URL both give the original runtime's output."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    wav = (tiny_dir / "prefix_s1.wav").read_bytes()
+
+    class Audio(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.send_header("Content-Length", str(len(wav)))
+            self.end_headers()
+            self.wfile.write(wav)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Audio)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bucket = moto.create_bucket()
+        worker(worker_env(tiny_dir, tmp_path / "out", bucket_env(moto.endpoint_url, bucket),
+                          ALLOW_PRIVATE_AUDIO_URLS="127.0.0.1"))
+        case = next(c for c in golden_cases if c["name"] == "prefix_include1")
+        words = json.loads((tiny_dir / "prefix_s1.words.json").read_text())["words"]
+        job = {"text": case["script"], "temperature": 0, "text_temperature": 0, "cfg_scale": case["cfg_scale"],
+               "cfg_filter_k": case["cfg_filter_k"], "include_prefix": True}
+        sources = [{"audio_base64": base64.b64encode(wav).decode()},
+                   {"audio_url": f"http://127.0.0.1:{server.server_port}/alice.wav"}]
+        jobs = [plane.submit({**job, "prefix": {"speaker_1": {**source, "words": words}}}) for source in sources]
+        expected = (np.clip(golden[f"{case['name']}.waveform"].numpy(), -1, 1) * 32767).astype(np.int16)
+        for job_id in jobs:
+            result, items = outputs(plane, job_id)
+            final = result["output"][-1]
+            assert final["timestamps"] == case["timestamps"], final
+            pcm = np.frombuffer(check_stored_result(final, items, moto)[44:], dtype="<i2")
+            assert pcm.shape == expected.shape and np.abs(pcm.astype(np.int32) - expected).max() <= 4
+    finally:
+        server.shutdown()
