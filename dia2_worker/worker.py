@@ -11,6 +11,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
@@ -133,7 +134,8 @@ class WorkerService:
         logging.getLogger("dia2_worker").setLevel(settings.log_level)
         limits = WorkerLimits.from_env(env)
         storage_settings = StorageSettings.from_env(env)
-        storage = make_storage(storage_settings)
+        # The S3 client (boto3's import alone is ~0.3 s) is built beside the model load.
+        storage_future = ThreadPoolExecutor(1, thread_name_prefix="dia2-storage").submit(make_storage, storage_settings)
         engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype),
                                  staged_fp32=options.staged_fp32)
         max_duration = engine.config.runtime.max_context_steps / 12.5
@@ -150,7 +152,7 @@ class WorkerService:
         with PHASES.phase("scheduler (caches, graphs)"):
             scheduler = Scheduler(engine, slots, length, decode_audio=True, graphs=settings.cuda_graphs,
                                   lag=2 if settings.cuda_graphs else 0, compile=settings.torch_compile)
-        runner = JobRunner(scheduler, storage, limits, RunnerSettings(
+        runner = JobRunner(scheduler, storage_future.result(), limits, RunnerSettings(
             inline_audio_max_bytes=settings.inline_audio_max_bytes,
             spool_dir=storage_settings.output_dir / "spool",
             job_timeout_s=settings.job_timeout_s,
