@@ -499,7 +499,8 @@ class Dia2Engine:
     def aligned_frames(self, state: GenerationState, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Tokens [N, C] of aligned frame index[n] of row rows[n]: codebook c is read `delay_c` columns later."""
         columns = (index.unsqueeze(1) + self.delays.unsqueeze(0)).clamp(0, state.length - 1)
-        tokens = state.audio[rows].gather(2, columns.unsqueeze(2))[..., 0]
+        codebooks = torch.arange(self.config.num_codebooks, device=state.audio.device)
+        tokens = state.audio[rows.unsqueeze(1), codebooks.unsqueeze(0), columns]  # only the N x C values
         return torch.where(tokens == UNGENERATED, self.config.data.audio_pad_token_id, tokens)
 
     @staticmethod

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .engine import NOT_SET, AudioFrame, Dia2Engine, GenerationPlan, GenerationRequest, OutputWindow, Word
+from .engine import NOT_SET, AudioFrame, Dia2Engine, GenerationParamError, GenerationPlan, OutputWindow, Word
 
 log = logging.getLogger("dia2_worker.scheduler")
 
@@ -201,12 +201,18 @@ class BatchRunner:
         free = self.free_rows()
         if not free:
             raise RuntimeError("no free slot")
+        self._check_fits(plan)
         engine, slot = self.engine, Slot(free[0], OutputWindow(plan))
         self.slots[slot.row] = slot
-        if self.decoder is not None:
-            self.decoder.reset(slot.row)
+        try:
+            if self.decoder is not None:
+                self.decoder.reset(slot.row)
+            words = engine.start(self.state, slot.row, plan)
+        except BaseException:
+            self.slots[slot.row] = None  # the row is reset by the next join; never left to an orphan
+            raise
         events = []
-        for entry, frame in engine.start(self.state, slot.row, plan):
+        for entry, frame in words:
             events += slot.window.add_word(entry, frame)
         # With a prefix, its frames before the start frame are finished before anything runs.
         count = plan.start_frame + 1 - engine.max_delay
@@ -222,6 +228,19 @@ class BatchRunner:
         self._emit({slot: events})
         self._deliver(wait=True)
         return slot, self._ready.pop(slot)
+
+    def _check_fits(self, plan: GenerationPlan) -> None:
+        """A generation larger than a slot fails as a bad request, before it takes one."""
+        if plan.buffer_length > self.state.length:
+            raise GenerationParamError(
+                "prefix", f"the voice prefix needs {plan.buffer_length} frames of buffer; a slot holds "
+                          f"{self.state.length} (MAX_PREFIX_AUDIO_S bounds it)")
+        max_entries, max_tokens = self.state.text.capacity
+        entries, tokens = plan.text.capacity
+        if entries > max_entries or tokens > max_tokens:
+            raise GenerationParamError(
+                "text", f"the script and prefix words make {entries} words / {tokens} tokens; a slot holds "
+                        f"{max_entries} / {max_tokens}")
 
     def leave(self, slot: Slot) -> None:
         """Free the slot's row now; its steps still in flight are dropped when they arrive."""
@@ -325,17 +344,25 @@ class Ticket:
     """A submitted generation. `on_output` is called on the scheduler thread with each step's Emitted, or
     with the exception that ended it; after a finished Emitted or an exception it is not called again."""
 
-    request: GenerationRequest | GenerationPlan  # a plan made beforehand keeps the planning off this thread
+    plan: GenerationPlan
     on_output: Callable[[Output], None]
-    deadline: float | None = None
-    plan: GenerationPlan | None = None
+    deadline: float | None = None  # on time.monotonic(), counted from submission
     cancelled: bool = False
-    submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed before the next frame. Safe from any thread."""
         self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+    def deliver(self, output: Output) -> None:
+        """Hand over an output; a failing receiver is logged and never takes the scheduler thread down."""
+        try:
+            self.on_output(output)
+        except Exception:
+            log.exception("a job's output receiver failed")
 
 
 class JobTimeout(TimeoutError):
@@ -344,7 +371,7 @@ class JobTimeout(TimeoutError):
 
 class Scheduler:
     """Owns the engine on one thread: admits waiting generations into free slots between frames and steps
-    all active ones together."""
+    all active ones together. Generations arrive planned (`engine.prepare`, on the submitter's thread)."""
 
     def __init__(self, engine: Dia2Engine, slots: int, length: int, *, decode_audio: bool = True,
                  lag: int = 0, graphs: bool = False, compile: bool = False) -> None:
@@ -365,9 +392,9 @@ class Scheduler:
     def slots(self) -> int:
         return len(self.runner.slots)
 
-    def submit(self, request: GenerationRequest | GenerationPlan, on_output: Callable[[Output], None],
+    def submit(self, plan: GenerationPlan, on_output: Callable[[Output], None],
                deadline: float | None = None) -> Ticket:
-        ticket = Ticket(request, on_output, deadline)
+        ticket = Ticket(plan, on_output, deadline)
         with self._wake:
             if self._closed:
                 raise RuntimeError("scheduler is closed")
@@ -398,11 +425,11 @@ class Scheduler:
     def _drop_ended(self) -> None:
         now = time.monotonic()
         for slot, ticket in list(self._running.items()):
-            if ticket.cancelled or (ticket.deadline is not None and now > ticket.deadline):
+            if ticket.cancelled or ticket.expired(now):
                 self.runner.leave(slot)
                 del self._running[slot]
                 if not ticket.cancelled:
-                    ticket.on_output(JobTimeout("the job ran past its time limit"))
+                    ticket.deliver(JobTimeout("the job ran past its time limit"))
 
     def _admit(self) -> None:
         while self.runner.free_rows():
@@ -412,17 +439,18 @@ class Scheduler:
                 ticket = self._waiting.popleft()
             if ticket.cancelled:
                 continue
+            if ticket.expired(time.monotonic()):
+                ticket.deliver(JobTimeout("the job's time limit passed while it waited for a slot"))
+                continue
             try:
-                request = ticket.request
-                ticket.plan = request if isinstance(request, GenerationPlan) else self.engine.prepare(request)
                 ticket.started_at = time.monotonic()
                 slot, emitted = self.runner.join(ticket.plan)
             except Exception as exc:  # a bad request fails its own job only
-                ticket.on_output(exc)
+                ticket.deliver(exc)
                 continue
             if not emitted.finished:
                 self._running[slot] = ticket
-            ticket.on_output(emitted)
+            ticket.deliver(emitted)
 
     def _step(self) -> None:
         try:
@@ -431,7 +459,7 @@ class Scheduler:
             log.exception("generation step failed")
             for slot, ticket in self._running.items():
                 self.runner.leave(slot)
-                ticket.on_output(exc)
+                ticket.deliver(exc)
             self._running.clear()
             return
         for slot, emitted in outputs.items():
@@ -441,4 +469,4 @@ class Scheduler:
             if emitted.finished:
                 del self._running[slot]
             if not ticket.cancelled:
-                ticket.on_output(emitted)
+                ticket.deliver(emitted)

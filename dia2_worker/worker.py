@@ -185,7 +185,8 @@ class WorkerService:
             if out.frames or out.finished or outputs[0] > enough:
                 done.set()
 
-        ticket = self.scheduler.submit(GenerationRequest(WARMUP_SCRIPT, GenerationParams(seed=0)), on_output)
+        plan = self.scheduler.engine.prepare(GenerationRequest(WARMUP_SCRIPT, GenerationParams(seed=0)))
+        ticket = self.scheduler.submit(plan, on_output)
         done.wait()
         ticket.cancel()
         if errors:

@@ -82,7 +82,7 @@ def test_scheduler_runs_queued_jobs_and_a_cancelled_job_frees_its_slot(engine, s
     scheduler = Scheduler(engine, 2, engine.buffer_length(), decode_audio=True)
     try:
         collectors = [Collector() for _ in REQUESTS]
-        tickets = [scheduler.submit(r, c) for r, c in zip(REQUESTS, collectors)]
+        tickets = [scheduler.submit(engine.prepare(r), c) for r, c in zip(REQUESTS, collectors)]
         deadline = time.monotonic() + 30
         while not collectors[1].frames and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -108,7 +108,7 @@ def test_streamed_pcm_matches_the_offline_decode(engine):
     scheduler = Scheduler(engine, 1, engine.buffer_length(), decode_audio=True)
     try:
         collector = Collector()
-        scheduler.submit(REQUESTS[0], collector)
+        scheduler.submit(engine.prepare(REQUESTS[0]), collector)
         assert collector.done.wait(60)
     finally:
         scheduler.close()
@@ -117,17 +117,32 @@ def test_streamed_pcm_matches_the_offline_decode(engine):
     assert (pcm - offline).abs().max() < 1e-4
 
 
-def test_bad_requests_and_timeouts_fail_only_their_job(engine, solo):
-    scheduler = Scheduler(engine, 2, engine.buffer_length(), decode_audio=False)
+def test_failures_and_timeouts_fail_only_their_job_and_free_the_slot(engine, solo, monkeypatch):
+    scheduler = Scheduler(engine, 1, engine.buffer_length(), decode_audio=False)  # one slot: a leak would hang
     try:
-        bad, late, good = Collector(), Collector(), Collector()
-        scheduler.submit(GenerationRequest("[S1] hi", GenerationParams(cfg_scale=0.0)), bad)
-        scheduler.submit(REQUESTS[2], late, deadline=time.monotonic() - 1)  # stopped at its first frame
-        scheduler.submit(REQUESTS[4], good)
-        for collector in (bad, late, good):
+        too_big, broken, queued, running, good = (Collector() for _ in range(5))
+        long_script = GenerationRequest("[S1] " + " ".join(["hi"] * 3000), GenerationParams(max_frames=None))
+        huge = engine.check  # planning skips the context check here, to build a plan larger than a slot
+        monkeypatch.setattr(engine, "check", lambda r: (r.params, huge(REQUESTS[4])[1] * 600, 160))
+        scheduler.submit(engine.prepare(long_script), too_big)
+        monkeypatch.undo()
+        failing = engine.prepare(REQUESTS[3])
+        start = engine.start
+        monkeypatch.setattr(engine, "start", lambda state, row, plan: (_ for _ in ()).throw(RuntimeError("oom"))
+                            if plan is failing else start(state, row, plan))
+        scheduler.submit(failing, broken)
+        scheduler.submit(engine.prepare(REQUESTS[1]), queued, deadline=time.monotonic() - 1)
+        ticket = scheduler.submit(engine.prepare(REQUESTS[2]), running)
+        scheduler.submit(engine.prepare(REQUESTS[4]), good)
+        while not running.frames and not running.done.is_set():
+            time.sleep(0.001)
+        ticket.deadline = time.monotonic() - 1  # runs past its limit: stopped within a frame
+        for collector in (too_big, broken, queued, running, good):
             assert collector.done.wait(60)
-        assert isinstance(bad.error, GenerationParamError) and bad.error.param == "cfg_scale"
-        assert isinstance(late.error, JobTimeout)
+        assert isinstance(too_big.error, GenerationParamError) and too_big.error.param == "text"
+        assert str(broken.error) == "oom"
+        assert isinstance(queued.error, JobTimeout) and "waited" in str(queued.error) and not queued.frames
+        assert isinstance(running.error, JobTimeout) and "ran past" in str(running.error)
         assert good.error is None and torch.equal(good.tokens, solo[4])
     finally:
         scheduler.close()
