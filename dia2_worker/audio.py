@@ -1,6 +1,6 @@
 """Audio helpers shared by the codec CLI, the engine and the worker: read, mono 24 kHz, 16-bit PCM.
 
-`to_mono_24k` is how Dia2's original runtime prepared voice prefixes (channel mean, then linear
+`resample(to_mono(x))` is how Dia2's original runtime prepared voice prefixes (channel mean, then linear
 interpolation with align_corners=False to round(N * 24000 / rate) samples), so prefixes encode to the
 same codes. `pcm16` is the one float -> int16 rule, and WAV files are written from pcm_s16le bytes, so
 streamed PCM chunks concatenate to exactly the WAV's samples.
@@ -45,11 +45,6 @@ def resample(wave: torch.Tensor, sample_rate: int, target_rate: int = SAMPLE_RAT
         return wave
     size = round(wave.shape[0] * target_rate / sample_rate)
     return F.interpolate(wave.view(1, 1, -1), size=size, mode="linear", align_corners=False).view(-1)
-
-
-def to_mono_24k(samples: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Any-rate, any-channel audio -> float32 [N'] mono at 24 kHz, as Mimi encodes it."""
-    return resample(to_mono(samples), sample_rate)
 
 
 def pcm16(wave: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -104,7 +104,6 @@ def read_to_device(path: str | Path, device: torch.device) -> dict[str, torch.Te
     overhead. safetensors lays tensors out largest element size first from an 8-byte aligned start, so
     every view is aligned.
     """
-    import json
     import struct
 
     with open(path, "rb", buffering=0) as f:
@@ -217,8 +216,7 @@ def fuse_published(published: Mapping[str, torch.Tensor], config: Dia2Config) ->
 
 
 def build_model(config: Dia2Config, tensors: Mapping[str, torch.Tensor]) -> Dia2Model:
-    """Modules built on the meta device, then given the checkpoint's tensors: no init, no copy."""
-    check_names_and_shapes({n: tuple(t.shape) for n, t in tensors.items()}, engine_shapes(config), "weights")
+    """Modules built on the meta device, then given the (already checked) tensors: no init, no copy."""
     with torch.device("meta"):
         model = Dia2Model(config)
     model.load_state_dict(dict(tensors), strict=True, assign=True)

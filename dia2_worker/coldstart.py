@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -72,21 +71,6 @@ def table(runs: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
-            "cores": os.cpu_count(), "platform": platform.platform()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                           if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dia2_worker.coldstart", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "/models/dia2")))
@@ -113,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\nspeed-up over the naive start: " + ", ".join(f"{k}: x{v:.2f}" for k, v in ratio.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        import torch
+
+        from .mimi.bench import machine
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         args.json.write_text(json.dumps({"model_dir": str(args.model_dir), "device": args.device,
-                                         "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                                         "date": time.strftime("%Y-%m-%d"), "machine": machine(device),
                                          "summary": summary, "runs": results}, indent=1))
     return 0
 

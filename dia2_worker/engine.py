@@ -10,7 +10,6 @@ final; `generate` is exactly the concatenation of what `stream` yields, decoded 
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from .checkpoint import build_model, load_weights
 from .config import Dia2Config
 from .model import Dia2Model, KVCache, rope_tables
+from .params import GenerationParamError, GenerationParams
 from .sampling import SamplingParams, guide, sample, uniform
 from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, normalize_script, parse_script,
                    prefix_entries, text_step)
@@ -29,49 +29,6 @@ from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, nor
 UNGENERATED = -2            # buffer cells no frame has written yet
 NOT_SET = -(1 << 40)        # first-word frame not seen yet
 NEVER = 1 << 40             # EOS cutoff not known yet
-MAX_SEED = (1 << 63) - 1
-
-
-class GenerationParamError(ValueError):
-    """A generation parameter out of range; `param` names it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling settings. Temperatures of 0 mean greedy; cfg_scale 1 disables guidance."""
-
-    text_temperature: float = 0.6
-    text_top_k: int = 50
-    audio_temperature: float = 0.8
-    audio_top_k: int = 50
-    cfg_scale: float = 2.0
-    cfg_filter_k: int = 50
-    initial_padding: int = 2
-    seed: int | None = None
-    max_frames: int | None = None
-
-    def validate(self) -> None:
-        for name in ("text_temperature", "audio_temperature"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise GenerationParamError(name, f"must be a finite number >= 0 (0 = greedy), got {value}")
-        for name in ("text_top_k", "audio_top_k"):
-            if getattr(self, name) < 1:
-                raise GenerationParamError(name, f"must be >= 1, got {getattr(self, name)}")
-        if not math.isfinite(self.cfg_scale) or self.cfg_scale <= 0:
-            raise GenerationParamError("cfg_scale", f"must be a finite number > 0, got {self.cfg_scale}")
-        if self.cfg_filter_k < 1:
-            raise GenerationParamError("cfg_filter_k", f"must be >= 1, got {self.cfg_filter_k}")
-        if self.initial_padding < 0:
-            raise GenerationParamError("initial_padding", f"must be >= 0, got {self.initial_padding}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise GenerationParamError("seed", f"must be between 0 and {MAX_SEED}, got {self.seed}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise GenerationParamError("max_frames", f"must be >= 1, got {self.max_frames}")
 
 
 @dataclass(frozen=True)
@@ -186,9 +143,9 @@ class GenerationState:
 
 @dataclass
 class StepOutput:
-    """What one step produced for every row (device tensors; rows not `active` produced nothing)."""
+    """What one step produced for every row (device tensors; a row that was already finished produced nothing
+    meaningful, and its owner has stopped reading it)."""
 
-    active: torch.Tensor          # [B] the row ran a real frame
     frame: torch.Tensor           # [B] the frame this step ran
     frame_index: torch.Tensor     # [B] index of the aligned frame finished by this step (< 0: none)
     frame_tokens: torch.Tensor    # [B, C]
@@ -295,9 +252,11 @@ class Dia2Engine:
         if codes is not None:
             inputs = [text_tokens]
             forced = torch.ones(1, dtype=torch.bool)
+            new_word_steps = set(steps)
             for t in range(codes.shape[1]):
-                token = self.ids.new_word if t in steps else self.ids.pad
-                main, second = text_step(text, torch.tensor([t]), torch.tensor([token]), forced, self.ids, self.ahead)
+                token = self.ids.new_word if t in new_word_steps else self.ids.pad
+                main, second, _ = text_step(text, torch.tensor([t]), torch.tensor([token]), forced, self.ids,
+                                            self.ahead)
                 inputs.append((int(main), int(second)))
             text_tokens = inputs.pop()
             consumed = text.word_step[0, : int(text.next_entry[0])].tolist()
@@ -345,7 +304,7 @@ class Dia2Engine:
         """Any-rate, any-channel audio -> Mimi codes [C, T] with all of the model's codebooks."""
         from . import audio
 
-        wave = audio.to_mono_24k(samples, sample_rate).to(self.device, self.dtype)
+        wave = audio.resample(audio.to_mono(samples), sample_rate, self.codec.sample_rate).to(self.device, self.dtype)
         with torch.inference_mode():
             codes = self.codec.encode(wave.view(1, 1, -1), num_codebooks=self.config.num_codebooks)
         return codes[0].to(self.device)
@@ -442,7 +401,6 @@ class Dia2Engine:
         B, C, L = state.batch, cfg.num_codebooks, state.length
         data = cfg.data
         t = state.frame.clone()
-        active = ~self.finished(state)
         # Audio inputs of frame t: the buffer's column t, BOS for codebooks whose delay has not passed.
         column = state.audio.gather(2, t.clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1))[..., 0]
         audio_in = torch.where(self.delays.unsqueeze(0) > t.unsqueeze(1), data.audio_bos_token_id, column)
@@ -458,12 +416,8 @@ class Dia2Engine:
                             sp.text_top_k, uniform(sp.seed, t, 0))
         if host_sync:
             text_token.tolist()
-        entries_before = state.text.next_entry.clone()
-        main, second = text_step(state.text, t, text_token, torch.zeros_like(active), ids, self.ahead)
-        popped = state.text.next_entry > entries_before
-        popped_entry = (state.text.next_entry - 1).clamp(min=0).unsqueeze(1)
-        is_word = popped & (state.text.entry_len.gather(1, popped_entry)[:, 0] > 0)
-        word_entry = torch.where(is_word, popped_entry[:, 0], -1)
+        main, second, word_entry = text_step(state.text, t, text_token, torch.zeros_like(t, dtype=torch.bool), ids,
+                                             self.ahead)
         first_seen = (state.first_word_frame == NOT_SET) & (main == ids.new_word)
         state.first_word_frame.copy_(torch.where(first_seen, t - state.initial_padding, state.first_word_frame))
         state.text_tokens.copy_(torch.stack([main, second], dim=1))
@@ -493,8 +447,9 @@ class Dia2Engine:
         frame_index = t + 1 - self.max_delay
         state.frame.add_(1)
         frame_tokens = self.aligned_frames(state, torch.arange(B, device=self.device), frame_index)
-        return StepOutput(active=active, frame=t, frame_index=frame_index, frame_tokens=frame_tokens, word_entry=word_entry,
-                          first_word_frame=state.first_word_frame.clone(), done=self.finished(state))
+        return StepOutput(frame=t, frame_index=frame_index, frame_tokens=frame_tokens, word_entry=word_entry,
+                          first_word_frame=state.first_word_frame,  # a view: the runner copies it at once
+                          done=self.finished(state))
 
     def aligned_frames(self, state: GenerationState, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Tokens [N, C] of aligned frame index[n] of row rows[n]: codebook c is read `delay_c` columns later."""

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from .params import GenerationParams
+
 # Generation parameters by the flag that sets them, so errors name what the user typed.
 FLAGS = {
     "text_temperature": "--text-temperature", "text_top_k": "--text-top-k",
@@ -31,13 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens-out", type=Path, help="write the aligned audio tokens, int64 [C, T], as .npy")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the result")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--temperature", type=float, default=0.8, help="audio temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=50, help="audio top-k")
-    parser.add_argument("--text-temperature", type=float, default=0.6, help="text temperature (0 = greedy)")
-    parser.add_argument("--text-top-k", type=int, default=50)
-    parser.add_argument("--cfg-scale", type=float, default=2.0)
-    parser.add_argument("--cfg-filter-k", type=int, default=50)
-    parser.add_argument("--initial-padding", type=int, default=2)
+    defaults = GenerationParams()
+    parser.add_argument("--temperature", type=float, default=defaults.audio_temperature,
+                        help="audio temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=defaults.audio_top_k, help="audio top-k")
+    parser.add_argument("--text-temperature", type=float, default=defaults.text_temperature,
+                        help="text temperature (0 = greedy)")
+    parser.add_argument("--text-top-k", type=int, default=defaults.text_top_k)
+    parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
+    parser.add_argument("--cfg-filter-k", type=int, default=defaults.cfg_filter_k)
+    parser.add_argument("--initial-padding", type=int, default=defaults.initial_padding)
     parser.add_argument("--max-frames", type=int, help="stop after this many frames (12.5 per second)")
     for n in (1, 2):
         parser.add_argument(f"--prefix-speaker-{n}", type=Path, help=f"voice prefix audio of speaker {n}")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from . import audio
-    from .engine import Dia2Engine, GenerationParamError, GenerationParams, GenerationRequest
+    from .engine import Dia2Engine, GenerationParamError, GenerationRequest
 
     script = args.text if args.text is not None else args.text_file.read_text()
     params = GenerationParams(

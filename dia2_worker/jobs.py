@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .env import FALSE, TRUE, Range, WorkerConfigError, env_number
+from .params import MAX_SEED, GenerationParams
 
 if TYPE_CHECKING:
     import http.client
@@ -51,13 +52,8 @@ MAX_URL_CHARS = 2048
 MAX_KEY_PREFIX_CHARS = 200
 MAX_PREFIX_CHANNELS = 2
 
-# Engine defaults (Nari Labs' Dia2 runtime): audio 0.8/50, text 0.6/50, cfg 2.0 with filter 50.
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 50
-DEFAULT_TEXT_TEMPERATURE = 0.6
-DEFAULT_TEXT_TOP_K = 50
-DEFAULT_CFG_SCALE = 2.0
-DEFAULT_CFG_FILTER_K = 50
+DEFAULTS = GenerationParams()
+"""The engine's defaults (Nari Labs' Dia2 runtime's): audio 0.8/50, text 0.6/50, cfg 2.0 with filter 50."""
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 """Control characters (newline, carriage return and tab excepted) and lone surrogates."""
@@ -74,7 +70,7 @@ class JobInputError(ValueError):
         self.field = field
 
 
-_SEED = Range(0, 2**63 - 1)
+_SEED = Range(0, MAX_SEED)
 _TEMPERATURE = Range(0, 5)
 _TOP_K = Range(1, 10_000)  # the engine clamps k to the vocabulary
 _CFG_SCALE = Range(0, 20, lo_open=True)
@@ -212,12 +208,12 @@ def parse_job(raw: object, limits: WorkerLimits) -> JobRequest:
     return JobRequest(
         text=_text(text, "text", limits.max_text_chars),
         seed=job.optional("seed", None, _integer, _SEED),
-        temperature=job.optional("temperature", DEFAULT_TEMPERATURE, _real, _TEMPERATURE),
-        top_k=job.optional("top_k", DEFAULT_TOP_K, _integer, _TOP_K),
-        text_temperature=job.optional("text_temperature", DEFAULT_TEXT_TEMPERATURE, _real, _TEMPERATURE),
-        text_top_k=job.optional("text_top_k", DEFAULT_TEXT_TOP_K, _integer, _TOP_K),
-        cfg_scale=job.optional("cfg_scale", DEFAULT_CFG_SCALE, _real, _CFG_SCALE),
-        cfg_filter_k=job.optional("cfg_filter_k", DEFAULT_CFG_FILTER_K, _integer, _TOP_K),
+        temperature=job.optional("temperature", DEFAULTS.audio_temperature, _real, _TEMPERATURE),
+        top_k=job.optional("top_k", DEFAULTS.audio_top_k, _integer, _TOP_K),
+        text_temperature=job.optional("text_temperature", DEFAULTS.text_temperature, _real, _TEMPERATURE),
+        text_top_k=job.optional("text_top_k", DEFAULTS.text_top_k, _integer, _TOP_K),
+        cfg_scale=job.optional("cfg_scale", DEFAULTS.cfg_scale, _real, _CFG_SCALE),
+        cfg_filter_k=job.optional("cfg_filter_k", DEFAULTS.cfg_filter_k, _integer, _TOP_K),
         max_duration_s=job.optional(
             "max_duration_s", limits.max_duration_s, _real, Range(0, limits.max_duration_s, lo_open=True)
         ),

@@ -105,11 +105,9 @@ def random_mimi(config_dict: dict, seed: int, device: torch.device | str, dtype:
     """A Mimi codec of this transformers-format config with random weights (its own tensor layout)."""
     from .mimi import MimiCodec, MimiConfig
 
-    config = MimiConfig.from_dict(config_dict)
-    skeleton = MimiCodec.skeleton(config)
+    skeleton = MimiCodec.skeleton(MimiConfig.from_dict(config_dict))
     shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
-    skeleton.load_state_dict(random_tensors(shapes, seed, device, dtype), strict=True, assign=True)
-    return skeleton.to(device).eval().requires_grad_(False)  # non-persistent buffers (RoPE) too
+    return skeleton.assemble(random_tensors(shapes, seed, device, dtype), device)
 
 
 def random_engine(config_dict: dict, mimi_config: dict, device: torch.device | str = "cpu",

@@ -22,6 +22,7 @@ import torch
 from .engine import NOT_SET, AudioFrame, Dia2Engine, GenerationParamError, GenerationPlan, OutputWindow, Word
 
 log = logging.getLogger("dia2_worker.scheduler")
+MAX_DECODE_FRAMES = 32  # a backlog (a kept voice prefix) is decoded this many frames per call
 
 
 @dataclass
@@ -31,7 +32,6 @@ class Emitted:
     frames: list[AudioFrame] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
     finished: bool = False
-    frames_run: int = 0
 
 
 class HostCopy:
@@ -65,62 +65,75 @@ def to_device(values: torch.Tensor, target: torch.Tensor) -> None:
 
 
 class PendingAudio:
-    """Frames whose PCM the decoder is computing: call k holds each row's k-th frame."""
+    """Frames whose PCM the decoder is computing: each call decodes `count` consecutive frames of some rows,
+    starting at each row's `first` frame."""
 
-    def __init__(self, frames: dict[int, list[AudioFrame]], calls: list[tuple[list[int], HostCopy]]) -> None:
-        self.frames, self.calls = frames, calls
+    def __init__(self, frames: dict[int, list[AudioFrame]], frame_size: int,
+                 calls: list[tuple[dict[int, int], int, HostCopy]]) -> None:
+        self.frames, self.frame_size, self.calls = frames, frame_size, calls
 
     def ready(self) -> bool:
-        return all(pcm.ready() for _, pcm in self.calls)
+        return all(pcm.ready() for _, _, pcm in self.calls)
 
     def result(self) -> dict[int, list[AudioFrame]]:
         out: dict[int, list[AudioFrame]] = {row: [] for row in self.frames}
-        for k, (rows, pcm) in enumerate(self.calls):
+        size = self.frame_size
+        for first, count, pcm in self.calls:
             samples = pcm.get().numpy()
-            for row in rows:
-                out[row].append(replace(self.frames[row][k], pcm=samples[row].copy()))
+            for row, start in first.items():
+                out[row] += [replace(self.frames[row][start + i], pcm=samples[row, i * size: (i + 1) * size].copy())
+                             for i in range(count)]
         return out
 
 
 class SlotDecoder:
-    """One streaming Mimi decoder with a row per slot. A call decodes one frame for each row that has one
-    while the other rows keep their state untouched, so every slot shares the same call (and, on a GPU,
-    the same captured graph). Codes go in and PCM comes out without the host waiting on the device."""
+    """One streaming Mimi decoder with a row per slot. A call decodes frames for the rows that have some
+    while the other rows keep their state untouched, so every slot shares the same call (on a GPU, one frame
+    per row is the captured graph; a backlog, like a kept voice prefix, goes in chunks). Codes go in and PCM
+    comes out without the host waiting on the device."""
 
     def __init__(self, engine: Dia2Engine, slots: int, graphs: bool) -> None:
         codec = engine.codec
+        self.frame_size = codec.frame_size
         self.decoder = codec.streaming_decoder(slots)
         self.codes = torch.zeros(slots, engine.config.num_codebooks, 1, dtype=torch.long, device=codec.device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=codec.device)
+        self._one_frame = self._call
         if graphs:  # warm-up and capture run with no row active, so they change no state
             from .graphs import capture
 
-            replay, output = capture(lambda: self._call())
-            self._decode = lambda: (replay(), output)[1]
-        else:
-            self._decode = self._call
+            replay, output = capture(lambda: self._call(self.codes, self.active))
+            self._one_frame = lambda codes, active: (replay(), output)[1]
 
-    def _call(self) -> torch.Tensor:
-        return self.decoder.step(self.codes, self.active)[:, 0].float()
+    def _call(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        return self.decoder.step(codes, active).flatten(1).float()
 
     def reset(self, row: int) -> None:
         self.decoder.reset([row])
 
     def submit(self, frames: dict[int, list[AudioFrame]]) -> PendingAudio:
         """Queue the decode of each row's frames, in order."""
+        done = {row: 0 for row in frames}
         calls = []
-        for k in range(max((len(f) for f in frames.values()), default=0)):
-            rows = [row for row, row_frames in frames.items() if len(row_frames) > k]
-            codes = torch.zeros(self.codes.shape, dtype=torch.long)
+        while rows := [row for row in frames if done[row] < len(frames[row])]:
+            count = min(MAX_DECODE_FRAMES, *(len(frames[row]) - done[row] for row in rows))
+            codes = torch.zeros(self.codes.shape[:2] + (count,), dtype=torch.long)
             active = torch.zeros(self.active.shape, dtype=torch.bool)
             for row in rows:
-                codes[row, :, 0] = frames[row][k].tokens
+                codes[row] = torch.stack([f.tokens for f in frames[row][done[row]: done[row] + count]], dim=1)
                 active[row] = True
-            to_device(codes, self.codes)
-            to_device(active, self.active)
             with torch.inference_mode():
-                calls.append((rows, HostCopy(self._decode())))
-        return PendingAudio(frames, calls)
+                if count == 1:
+                    to_device(codes, self.codes)
+                    to_device(active, self.active)
+                    pcm = self._one_frame(self.codes, self.active)
+                else:
+                    device = self.codes.device
+                    pcm = self._call(codes.to(device, non_blocking=True), active.to(device, non_blocking=True))
+            calls.append(({row: done[row] for row in rows}, count, HostCopy(pcm)))
+            for row in rows:
+                done[row] += count
+        return PendingAudio(frames, self.frame_size, calls)
 
 
 @dataclass(eq=False)
@@ -129,7 +142,6 @@ class Slot:
 
     row: int
     window: OutputWindow
-    frames_run: int = 0
     finished: bool = False
 
 
@@ -147,7 +159,7 @@ class _Delivery:
 
     events: dict[Slot, list]
     audio: PendingAudio | None
-    progress: dict[Slot, tuple[bool, int]]  # finished and frames run, as of these events
+    finished: dict[Slot, bool]  # as of these events
 
     def ready(self) -> bool:
         return self.audio is None or self.audio.ready()
@@ -155,7 +167,7 @@ class _Delivery:
     def emitted(self) -> dict[Slot, Emitted]:
         frames = self.audio.result() if self.audio is not None else {
             slot.row: [e for e in events if isinstance(e, AudioFrame)] for slot, events in self.events.items()}
-        return {slot: Emitted(frames[slot.row], [e for e in events if isinstance(e, Word)], *self.progress[slot])
+        return {slot: Emitted(frames[slot.row], [e for e in events if isinstance(e, Word)], self.finished[slot])
                 for slot, events in self.events.items()}
 
 
@@ -281,7 +293,6 @@ class BatchRunner:
                 continue
             index, word, first_word, done, frame = table[row][C:]
             window, slot_events = slot.window, []
-            slot.frames_run += 1
             if word >= 0:
                 slot_events += window.add_word(word, frame)
             if first_word != NOT_SET:
@@ -299,7 +310,7 @@ class BatchRunner:
         """Queue the decode of the new frames of every slot (one decoder call for all of them)."""
         frames = {slot.row: [e for e in slot_events if isinstance(e, AudioFrame)] for slot, slot_events in events.items()}
         audio = self.decoder.submit(frames) if self.decoder is not None else None
-        self._decoding.append(_Delivery(events, audio, {slot: (slot.finished, slot.frames_run) for slot in events}))
+        self._decoding.append(_Delivery(events, audio, {slot: slot.finished for slot in events}))
 
     def _deliver(self, wait: bool) -> None:
         """Move decoded deliveries, in order, to the ready outputs (waiting for them all when `wait`, and for
@@ -310,7 +321,7 @@ class BatchRunner:
 
 
 def _merge(first: Emitted, then: Emitted) -> Emitted:
-    return Emitted(first.frames + then.frames, first.words + then.words, then.finished, then.frames_run)
+    return Emitted(first.frames + then.frames, first.words + then.words, then.finished)
 
 
 class GenerationStream:
@@ -319,12 +330,12 @@ class GenerationStream:
     def __init__(self, engine: Dia2Engine, plan: GenerationPlan, decode_audio: bool) -> None:
         self.engine, self.plan, self.decode_audio = engine, plan, decode_audio
         self.timestamps: list[tuple[str, float]] = []
-        self.frames_run = 0
 
     def __iter__(self):
         plan = self.plan
+        entries, tokens = plan.text.capacity
         runner = BatchRunner(self.engine, 1, plan.buffer_length, decode_audio=self.decode_audio,
-                             max_entries=len(plan.entries), max_tokens=max(1, sum(len(e.tokens) for e in plan.entries)))
+                             max_entries=entries, max_tokens=tokens)
         slot, emitted = runner.join(plan)
         self.timestamps = slot.window.timestamps
         while True:
@@ -333,7 +344,6 @@ class GenerationStream:
             if emitted.finished:
                 break
             emitted = runner.step().get(slot, Emitted())
-        self.frames_run = slot.frames_run
 
 
 Output = Emitted | BaseException

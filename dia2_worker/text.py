@@ -229,8 +229,9 @@ class TextState:
 
 
 def text_step(state: TextState, step: torch.Tensor, token: torch.Tensor, forced: torch.Tensor, ids: TokenIds,
-              ahead: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One frame of the state machine for every row: token (action id or text id) -> (main, second).
+              ahead: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One frame of the state machine for every row: token (action id or text id) -> (main, second, the entry
+    consumed as a word this frame or -1).
 
     `forced` rows keep their token (prefix warm-up). Updates `state` in place, without host syncs.
     """
@@ -269,13 +270,14 @@ def text_step(state: TextState, step: torch.Tensor, token: torch.Tensor, forced:
     s.padding_budget.sub_((is_pad & (s.padding_budget > 0)).long())
     s.forced_padding.sub_((is_pad & (s.forced_padding > 0)).long())
     out = torch.where(is_pad, _pop(s.flat, s.pending_pos, s.pending_end, pad, is_pad), token)
+    word = torch.where(is_word, entry[:, 0], -1)
     if not ahead:
-        return out, out
+        return out, out, word
     # 5. second stream: a new word moves to it and the main stream carries the word's first token
     out_nw = out == nw
     main = torch.where(out_nw, _pop(s.flat, s.pending_pos, s.pending_end, pad, out_nw), out)
     second = torch.where(out_nw, nw, _pop(s.flat, s.look_pos, s.look_end, pad, ~out_nw))
-    return main, second
+    return main, second, word
 
 
 def _pop(flat: torch.Tensor, pos: torch.Tensor, end: torch.Tensor, empty: int, when: torch.Tensor) -> torch.Tensor:

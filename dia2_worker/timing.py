@@ -45,10 +45,16 @@ class Phases:
                 self.records.append({"phase": name, "start": start, "end": self.now(),
                                      "thread": threading.current_thread().name})
 
-    def table(self) -> str:
-        rows = [f"{r['phase']:<24} {r['start']:7.3f} -> {r['end']:7.3f} s  ({(r['end'] - r['start']) * 1000:7.1f} ms, "
-                f"{r['thread']})" for r in self.records]
-        return "\n".join(rows)
-
 
 PHASES = Phases()
+
+
+def cpu_name() -> str:
+    """The processor's model name, from /proc/cpuinfo (no subprocess, no extra package)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown"

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Mapping
 
 from .env import Range, WorkerConfigError, env_flag, env_number
 from .jobs import WorkerLimits
-from .timing import PHASES
+from .timing import PHASES, cpu_name
 
 log = logging.getLogger("dia2_worker")
 
@@ -138,14 +138,15 @@ class WorkerService:
         storage_future = ThreadPoolExecutor(1, thread_name_prefix="dia2-storage").submit(make_storage, storage_settings)
         engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype),
                                  staged_fp32=options.staged_fp32)
-        max_duration = engine.config.runtime.max_context_steps / 12.5
+        frame_rate = engine.codec.frame_rate
+        max_duration = engine.config.runtime.max_context_steps / frame_rate
         if limits.max_duration_s > max_duration:
             if env.get("MAX_DURATION_S"):
                 raise WorkerConfigError(f"MAX_DURATION_S: the model's context holds at most {max_duration:g} s, "
                                         f"got {limits.max_duration_s:g}")
             limits = replace(limits, max_duration_s=max_duration)
         # Two prefix speakers of the longest allowed audio (a partial frame still takes a frame).
-        length = engine.buffer_length(prefix_frames=2 * (math.ceil(limits.max_prefix_audio_s * 12.5) + 1))
+        length = engine.buffer_length(prefix_frames=2 * (math.ceil(limits.max_prefix_audio_s * frame_rate) + 1))
         slots = settings.slots or default_slots(engine, length)
         log.info("slots: %d generations of up to %d frames, %.1f MiB of cache each", slots, length,
                  slot_bytes(engine, length) / 2**20)
@@ -314,18 +315,11 @@ def start_loading(env: Mapping[str, str] | None = None) -> Loading:
 def _skip_sdk_cpu_probe() -> None:
     """`import runpod` spends ~1.1 s in py-cpuinfo's full probe (a subprocess) only to print the processor's
     name in its debug output; answer that one question from /proc/cpuinfo instead."""
-    import platform
-
     try:
         import cpuinfo
     except ImportError:  # a future SDK without it
         return
-    name = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    name = cpu_name()
     cpuinfo.get_cpu_info = lambda: {"brand_raw": name}
 
 

@@ -43,13 +43,13 @@ def test_resample_length_and_values(rate: int, n: int) -> None:
     np.testing.assert_allclose(out.numpy(), reference_linear_resample(x, out.shape[0]), rtol=0, atol=1e-6)
 
 
-def test_resample_keeps_24k_and_to_mono_24k_composes() -> None:
+def test_resample_keeps_24k_and_composes_with_to_mono() -> None:
     x = torch.randn(100)
     assert audio.resample(x, 24_000) is x
     stereo = torch.randn(441, 2)
     expected = audio.resample(stereo.mean(dim=1), 44_100)
-    assert torch.equal(audio.to_mono_24k(stereo, 44_100), expected)
-    assert audio.to_mono_24k(stereo, 44_100).shape == (240,)
+    assert torch.equal(audio.resample(audio.to_mono(stereo), 44_100), expected)
+    assert audio.resample(audio.to_mono(stereo), 44_100).shape == (240,)
     with pytest.raises(ValueError, match="sample_rate must be positive"):
         audio.resample(x, 0)
 

@@ -151,10 +151,13 @@ def test_tensor_state_machine_matches_oracle(ahead):
     for step in range(steps):
         tokens = [rng.choice([0, 1, 1, 2, IDS.new_word, IDS.pad]) for _ in range(batch)]
         forced = [rng.random() < 0.15 for _ in range(batch)]
-        main, second = text_step(state, torch.full((batch,), step), torch.tensor(tokens), torch.tensor(forced),
-                                 IDS, ahead)
+        words_before = [len(o.transcript) for o in oracles]
+        main, second, word = text_step(state, torch.full((batch,), step), torch.tensor(tokens),
+                                       torch.tensor(forced), IDS, ahead)
         expected = [o.process(step, tok, f) for o, tok, f in zip(oracles, tokens, forced)]
         assert list(zip(main.tolist(), second.tolist())) == expected, f"step {step}"
+        consumed = [o.transcript[-1][0] if len(o.transcript) > n else None for o, n in zip(oracles, words_before)]
+        assert [scripts[r][e].text if e >= 0 else None for r, e in enumerate(word.tolist())] == consumed
     for row, oracle in enumerate(oracles):
         assert int(state.end_step[row]) == (-1 if oracle.end_step is None else oracle.end_step)
         steps_taken = state.word_step[row].tolist()

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..timing import cpu_name
+
 from .codec import MimiCodec
 from .config import MimiConfig
 from .streaming import StreamingDecoder
@@ -44,7 +46,7 @@ def random_published_tensors(config: MimiConfig, seed: int = 0) -> dict[str, tor
 
 def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -55,17 +57,6 @@ def machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _timed(run: Callable[[], Any], sync: Callable[[], None]) -> float:

@@ -52,14 +52,19 @@ class MimiCodec(nn.Module):
         with torch.device("meta"):
             return cls(config)
 
+    def assemble(self, tensors: Mapping[str, Tensor], device: str | torch.device) -> MimiCodec:
+        """This skeleton given its own tensors (the codec's names, already on `device`): a ready codec.
+        `.to` moves the buffers not in any file (RoPE frequencies), which the skeleton built on the CPU."""
+        self.load_state_dict(dict(tensors), strict=True, assign=True)
+        return self.to(device).eval().requires_grad_(False)
+
     @classmethod
     def from_tensors(cls, config: MimiConfig, tensors: Mapping[str, Tensor], device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> MimiCodec:
         """A codec from tensors under their published names, placed on `device` in `dtype` without init."""
         device = torch.device(device)
         codec = cls.skeleton(config)
-        codec.load_state_dict(codec_tensors(codec, tensors, device, dtype), strict=True, assign=True)
-        return codec.to(device).eval().requires_grad_(False)
+        return codec.assemble(codec_tensors(codec, tensors, device, dtype), device)
 
     # ------------------------------------------------------------------ facts
 
@@ -174,9 +179,7 @@ def load_mimi(mimi_dir: str | Path, device: str | torch.device = "cpu",
     own = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     if set(shapes) == set(own):
         check_names_and_shapes(shapes, own, str(path))
-        codec = MimiCodec.skeleton(config)
-        codec.load_state_dict(read_safetensors(path, None, device, dtype), strict=True, assign=True)
-        # .to: the buffers not in the file (RoPE frequencies) are still on the CPU.
-        return codec.to(device).eval().requires_grad_(False)
+        return skeleton.assemble(read_safetensors(path, None, device, dtype), device)
     check_published(shapes, skeleton, str(path))
-    return MimiCodec.from_tensors(config, read_published(path, skeleton, device, dtype), device, dtype)
+    return skeleton.assemble(codec_tensors(skeleton, read_published(path, skeleton, device, dtype), device, dtype),
+                             device)
