@@ -393,7 +393,8 @@ class Dia2Engine:
         """Advance every row by one frame. Pure tensor work: no host syncs, so it can be graph-captured.
         Rows that are finished run too (their results are ignored), which keeps shapes static.
 
-        `kv_len` bounds the cache slots attention reads (at least every active row's slot + 1).
+        Attention reads cache slots [0, kv_len): at least every active row's slot + 1 (the runner passes the
+        whole cache, so every frame has the same shapes and can be one graph).
         `host_sync` reads every sampled token back to the host as it is drawn, the way the original
         runtime does (a benchmark baseline; the tokens are the same).
         """

@@ -2,7 +2,8 @@
 
 Every job input is checked here before any GPU work: a bad job fails with a `JobInputError` that
 names the field and the limit it broke, and the worker stays up for the next job. Prefix audio
-is fetched and decoded here too, so a job that reaches the GPU has nothing left to reject.
+is fetched and decoded here too; what is left for the engine's planning to reject (text longer than the
+model's context or max_duration_s) is still checked before any frame runs.
 
 `parse_job` blocks while it downloads an `audio_url` (at most `AUDIO_URL_TIMEOUT_S`): call it
 from a thread, not from the event loop.
@@ -141,7 +142,7 @@ class PrefixAudio:
     """One speaker's voice prefix: decoded audio and the timings of the words spoken in it."""
 
     samples: np.ndarray
-    """float32 [frames, channels], as decoded: resampling and mono mixing happen in the runner."""
+    """float32 [frames, channels], as decoded: the engine mixes to mono and resamples when it encodes."""
     sample_rate: int
     words: tuple[tuple[str, float, float], ...]
     """(word, start_s, end_s), starts non-decreasing, each end within the audio."""

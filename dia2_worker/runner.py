@@ -38,7 +38,8 @@ class RunnerSettings:
     spool_dir: Path = Path("output/spool")
     """Every finished WAV is written here before upload; removed once the upload is verified."""
     job_timeout_s: float | None = None
-    """JOB_TIMEOUT_S: a generation running longer is stopped (within one frame) and the job fails."""
+    """JOB_TIMEOUT_S: a job not finished this long after it reached the worker (waiting for a slot included)
+    is stopped within one frame and fails."""
 
 
 def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:

@@ -45,7 +45,7 @@ class WorkerSettings:
     """TORCH_COMPILE: fuse the frame's kernels with torch.compile (default off: compiling costs minutes at
     start until its cache is baked into the image)."""
     job_timeout_s: float | None
-    """JOB_TIMEOUT_S: stop a generation running longer than this (default: none)."""
+    """JOB_TIMEOUT_S: stop a job not finished this long after it arrived, queueing included (default: none)."""
     inline_audio_max_bytes: int
     """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline when the upload fails for good (8 MiB)."""
     log_level: str
