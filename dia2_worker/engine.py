@@ -85,6 +85,11 @@ class GenerationPlan:
     def prefix_entry_count(self) -> int:
         return 0 if self.prefix is None else self.prefix.entry_count
 
+    @property
+    def slot_shift(self) -> int:
+        """Cache slot minus frame: 1 after a voice prefix (its last frame is run twice), else 0."""
+        return 0 if self.prefix is None else 1
+
 
 @dataclass(frozen=True)
 class AudioFrame:
@@ -349,7 +354,7 @@ class Dia2Engine:
         state.audio[row] = UNGENERATED
         state.text_tokens[row] = torch.tensor(plan.text_tokens)
         state.frame[row] = plan.start_frame
-        state.slot_shift[row] = 0 if plan.prefix is None else 1
+        state.slot_shift[row] = plan.slot_shift
         state.stop_frame[row] = min(plan.start_frame + plan.max_frames, plan.buffer_length - 1)
         state.eos_cutoff[row] = NEVER
         state.first_word_frame[row] = NOT_SET
@@ -393,8 +398,8 @@ class Dia2Engine:
         """Advance every row by one frame. Pure tensor work: no host syncs, so it can be graph-captured.
         Rows that are finished run too (their results are ignored), which keeps shapes static.
 
-        Attention reads cache slots [0, kv_len): at least every active row's slot + 1 (the runner passes the
-        whole cache, so every frame has the same shapes and can be one graph).
+        Attention reads cache slots [0, kv_len): at least every active row's slot + 1 (the runner picks it from
+        a few fixed lengths, so each length can be one graph); rows whose slot is beyond it compute garbage.
         `host_sync` reads every sampled token back to the host as it is drawn, the way the original
         runtime does (a benchmark baseline; the tokens are the same).
         """

@@ -43,17 +43,34 @@ def bucket_sizes(slots: int) -> list[int]:
     return sizes + [slots]
 
 
+KV_BLOCK = 512
+
+
+def kv_buckets(length: int) -> list[int]:
+    """Cache lengths attention reads: whole multiples of KV_BLOCK below `length`, and `length` (reading the
+    whole cache costs a 2B model ~340 MB per generation per frame). Whole blocks keep a frame's result
+    independent of the bucket: attention kernels walk the keys in blocks that divide 512 (PyTorch's CPU
+    kernel in blocks of 512), and a block whose keys are all masked changes nothing."""
+    return list(range(KV_BLOCK, length, KV_BLOCK)) + [length]
+
+
+def cover(sizes: list[int], needed: int) -> int:
+    """The smallest of `sizes` that is at least `needed`."""
+    return min(size for size in sizes if size >= needed)
+
+
 class FrameGraphs:
-    """`frame(b)` (a frame for the first b rows) captured for every bucket size; `run(count)` replays the
-    smallest that covers `count` rows. Capturing runs frames, which advances every row: capture before any
-    generation joins (joining resets a row entirely)."""
+    """`frame(b, kv_len)` (a frame for the first b rows, attention reading kv_len cache slots) captured for
+    every batch size and cache length, replayed by `run(b, kv_len)`. Capturing runs frames, which advances
+    every row: capture before any generation joins (joining resets a row entirely)."""
 
-    def __init__(self, frame: Callable[[int], torch.Tensor], slots: int) -> None:
+    def __init__(self, frame: Callable[[int, int], torch.Tensor], batch_sizes: list[int],
+                 kv_sizes: list[int]) -> None:
         pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
-        self.graphs = {size: capture(lambda size=size: frame(size), pool=pool) for size in bucket_sizes(slots)}
+        self.graphs = {(size, kv_len): capture(lambda size=size, kv_len=kv_len: frame(size, kv_len), pool=pool)
+                       for size in batch_sizes for kv_len in kv_sizes}
 
-    def run(self, count: int) -> torch.Tensor:
-        size = min(size for size in self.graphs if size >= count)
-        replay, output = self.graphs[size]
+    def run(self, count: int, kv_len: int) -> torch.Tensor:
+        replay, output = self.graphs[count, kv_len]
         replay()
         return output

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .engine import NOT_SET, AudioFrame, Dia2Engine, GenerationParamError, GenerationPlan, OutputWindow, Word
+from .graphs import FrameGraphs, bucket_sizes, capture, cover, kv_buckets
 
 log = logging.getLogger("dia2_worker.scheduler")
 MAX_DECODE_FRAMES = 32  # a backlog (a kept voice prefix) is decoded this many frames per call
@@ -100,8 +101,6 @@ class SlotDecoder:
         self.active = torch.zeros(slots, dtype=torch.bool, device=codec.device)
         self._one_frame = self._call
         if graphs:  # warm-up and capture run with no row active, so they change no state
-            from .graphs import capture
-
             replay, output = capture(lambda: self._call(self.codes, self.active))
             self._one_frame = lambda codes, active: (replay(), output)[1]
 
@@ -142,6 +141,7 @@ class Slot:
 
     row: int
     window: OutputWindow
+    cache_slot: int  # the cache slot its next frame writes (kept on the host to pick the length attention reads)
     finished: bool = False
 
 
@@ -194,12 +194,18 @@ class BatchRunner:
         self._decoding: deque[_Delivery] = deque()
         self._ready: dict[Slot, Emitted] = {}
         self._graphs = None
-        if compile:  # fuse the step's many small kernels; one compiled graph per batch size (no dynamic shapes)
+        # Frames run for a few fixed shapes when they are captured or compiled (eagerly: exactly the rows up to
+        # the last occupied one). Attention reads a few fixed cache lengths, except in compiled code, which
+        # specialises on every shape: there it reads the whole cache rather than multiply compilations.
+        self._batch_sizes = bucket_sizes(slots) if graphs or compile else list(range(1, slots + 1))
+        self._kv_sizes = [length] if compile else kv_buckets(length)
+        if compile:  # fuse the step's many small kernels; one compiled graph per shape
+            import torch._dynamo.config
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self._batch_sizes))
             self._frame = torch.compile(self._frame, dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
         if graphs:
-            from .graphs import FrameGraphs
-
-            self._graphs = FrameGraphs(self._frame, slots)
+            self._graphs = FrameGraphs(self._frame, self._batch_sizes, self._kv_sizes)
 
     def free_rows(self) -> list[int]:
         return [row for row, slot in enumerate(self.slots) if slot is None]
@@ -214,7 +220,7 @@ class BatchRunner:
         if not free:
             raise RuntimeError("no free slot")
         self._check_fits(plan)
-        engine, slot = self.engine, Slot(free[0], OutputWindow(plan))
+        engine, slot = self.engine, Slot(free[0], OutputWindow(plan), plan.start_frame + plan.slot_shift)
         self.slots[slot.row] = slot
         try:
             if self.decoder is not None:
@@ -271,16 +277,21 @@ class BatchRunner:
         ready, self._ready = self._ready, {}
         return ready
 
-    def _frame(self, count: int) -> torch.Tensor:
+    def _frame(self, count: int, kv_len: int) -> torch.Tensor:
         """One frame for the first `count` rows, packed as the host reads it: [count, C + 5]."""
-        out = self.engine.step(self.state.head(count), kv_len=self.state.cache.length, host_sync=self.host_sync)
+        out = self.engine.step(self.state.head(count), kv_len=kv_len, host_sync=self.host_sync)
         return torch.cat([out.frame_tokens, torch.stack(
             [out.frame_index, out.word_entry, out.first_word_frame, out.done.long(), out.frame], dim=1)], dim=1)
 
     def _launch(self) -> None:
-        """Run the rows up to the last occupied one (new generations take the lowest free row)."""
-        count = max(row for row, slot in enumerate(self.slots) if slot is not None) + 1
-        packed = self._graphs.run(count) if self._graphs else self._frame(count)
+        """Run the rows up to the last occupied one (new generations take the lowest free row), attention
+        reading the shortest cache length that holds every occupied row's next slot."""
+        active = self.active
+        count = cover(self._batch_sizes, max(slot.row for slot in active) + 1)
+        kv_len = cover(self._kv_sizes, max(slot.cache_slot for slot in active) + 1)
+        for slot in active:
+            slot.cache_slot = min(slot.cache_slot + 1, self.state.length - 1)
+        packed = self._graphs.run(count, kv_len) if self._graphs else self._frame(count, kv_len)
         self._in_flight.append(_InFlight(HostCopy(packed), self.slots[: packed.shape[0]]))
 
     def _collect(self, launched: _InFlight) -> dict[Slot, list]:

@@ -3,13 +3,16 @@ gives alone; cancelled and timed-out jobs free their slot without disturbing the
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from dia2_worker.engine import AudioFrame, GenerationParamError, GenerationParams, GenerationRequest
+from dia2_worker.engine import (AudioFrame, GenerationParamError, GenerationParams, GenerationRequest, PrefixSpeech,
+                                VoicePrefix)
 from dia2_worker.scheduler import BatchRunner, Emitted, JobTimeout, Scheduler
 
 REQUESTS = [
@@ -187,3 +190,48 @@ def test_late_pcm_keeps_every_slots_output_in_order(engine, solo, monkeypatch):
         assert torch.equal(torch.stack([f.tokens for f in frames], dim=1), solo[i])
         assert all(f.pcm is not None for f in frames)
         assert [e.finished for e in emitted] == [False] * (len(emitted) - 1) + [True]
+
+
+def test_attention_reads_the_cache_in_whole_blocks_with_unchanged_tokens(engine, tiny_dir, monkeypatch):
+    """A 40 s voice prefix starts a generation near the end of the first 512-slot block, beside a short one at
+    slot 0: attention reads 512 slots, the whole cache once the long one crosses, 512 again once it has
+    left, and both generations get the tokens of always reading the whole cache."""
+    import soundfile
+
+    from dia2_worker import graphs, scheduler
+
+    assert graphs.kv_buckets(161) == [161] and graphs.kv_buckets(1501) == [512, 1024, 1501]
+    samples, rate = soundfile.read(tiny_dir / "prefix_s1.wav", dtype="float32")
+    words = json.loads((tiny_dir / "prefix_s1.words.json").read_text())["words"]
+    seconds = len(samples) / rate
+    speech = PrefixSpeech(np.tile(samples, 20), rate, tuple((w, a + i * seconds, b + i * seconds)
+                                                            for i in range(20) for w, a, b in words))
+    plans = [engine.prepare(GenerationRequest("[S2] and then what happened next?", GenerationParams(seed=3),
+                                              VoicePrefix(speech))),
+             engine.prepare(REQUESTS[0])]
+    assert 480 < plans[0].start_frame < 505
+    length = max(p.buffer_length for p in plans)
+    read: list[int] = []
+    step = engine.step
+
+    def recording_step(state, kv_len, host_sync=False):
+        read.append(kv_len)
+        return step(state, kv_len, host_sync)
+
+    def run() -> list[torch.Tensor]:
+        runner = BatchRunner(engine, 2, length, decode_audio=False)
+        slots = [runner.join(plan)[0] for plan in plans]
+        frames = {slot: [] for slot in slots}
+        while not all(slot.finished for slot in slots):
+            for slot, emitted in runner.step().items():
+                frames[slot] += [f.tokens for f in emitted.frames]
+        return [torch.stack(frames[slot], dim=1) for slot in slots]
+
+    monkeypatch.setattr(engine, "step", recording_step)
+    blocks = run()
+    assert 512 < length < 1024 and read[0] == 512 and read[-1] == 512 and length in read
+    monkeypatch.setattr(scheduler, "kv_buckets", lambda length: [length])
+    read.clear()
+    whole = run()
+    assert set(read) == {length}
+    assert all(torch.equal(a, b) for a, b in zip(blocks, whole))
