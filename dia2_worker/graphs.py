@@ -47,10 +47,9 @@ KV_BLOCK = 512
 
 
 def kv_buckets(length: int) -> list[int]:
-    """Cache lengths attention reads: whole multiples of KV_BLOCK below `length`, and `length` (reading the
-    whole cache costs a 2B model ~340 MB per generation per frame). Whole blocks keep a frame's result
-    independent of the bucket: attention kernels walk the keys in blocks that divide 512 (PyTorch's CPU
-    kernel in blocks of 512), and a block whose keys are all masked changes nothing."""
+    """Cache lengths attention reads: whole multiples of KV_BLOCK below `length`, and `length`. Reading the
+    whole cache costs a 2B model ~340 MB per generation per frame; blocks of 512 slots (41 s of audio) keep
+    the graphs few (three for the 2B's 1,501 slots) and cover most jobs with the first."""
     return list(range(KV_BLOCK, length, KV_BLOCK)) + [length]
 
 

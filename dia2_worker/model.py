@@ -8,26 +8,35 @@ backbone writes each frame's K/V at a per-row slot, the depformer at the stage i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import Dia2Config, StackConfig
 
 
+ROWS_PER_GENERATION = 2  # the conditional and unconditional CFG branches
+
+
 class Linear(nn.Module):
-    """y = x W^T. Parameters are created empty: they always come from a checkpoint, and skipping the
-    random init keeps building the model (on the meta device) instant."""
+    """y = x W^T over x [R, ...]. Parameters are created empty: they always come from a checkpoint, and
+    skipping the random init keeps building the model (on the meta device) instant."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        if x.is_cuda or x.shape[0] <= ROWS_PER_GENERATION:
+            return F.linear(x, self.weight)
+        # On the CPU a matrix product rounds differently with more rows (another code path): one generation's
+        # rows at a time, so its tokens are the same alone or in any batch.
+        return torch.cat([F.linear(rows, self.weight) for rows in x.split(ROWS_PER_GENERATION)])
 
 
 class Embedding(nn.Module):
@@ -61,6 +70,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def attention_kernels(x: torch.Tensor) -> ContextManager:
+    """On the CPU, attention uses the math kernel: unlike the fused one, what it computes for a row does not
+    depend on the other rows or on how many masked cache slots it reads, so a generation's tokens are the
+    same alone or in any batch. On a GPU, the fused kernels."""
+    return contextlib.nullcontext() if x.is_cuda else sdpa_kernel([SDPBackend.MATH])
 
 
 def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device) -> torch.Tensor:
@@ -154,12 +170,16 @@ class Attention(nn.Module):
         values[index, :, slots] = v.view(R, T, self.kv_heads, D)
         if rows is not None:
             keys, values = keys[rows], values[rows]
-        kv_len = mask.shape[-1]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys[:, :, :kv_len], values[:, :, :kv_len],
-            attn_mask=mask, scale=1.0, enable_gqa=self.heads != self.kv_heads,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(R, T, self.heads * D))
+        kv_len, groups = mask.shape[-1], self.heads // self.kv_heads
+        # Query heads sharing a K/V head attend as extra query rows of that head ([R, H_kv, G * T, D]): the same
+        # math as repeating K/V per query head, without copying the cache, and the masked fused kernels accept
+        # it (they reject grouped heads with a mask, falling back to one that materialises everything).
+        q = q.view(R, T, self.kv_heads, groups, D).permute(0, 2, 3, 1, 4).reshape(R, self.kv_heads, groups * T, D)
+        mask = mask.unsqueeze(2).expand(R, 1, groups, T, kv_len).reshape(R, 1, groups * T, kv_len)
+        out = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask,
+                                             scale=1.0)
+        out = out.view(R, self.kv_heads, groups, T, D).permute(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(R, T, self.heads * D))
 
 
 class BackboneLayer(nn.Module):
@@ -199,9 +219,10 @@ class Backbone(nn.Module):
         for c in range(self.num_codebooks):  # summed in codebook order, as the original does
             x = x + audio[..., c, :]
         mask = (torch.arange(kv_len, device=tokens.device) <= slots.unsqueeze(-1)).unsqueeze(1)
-        for i, layer in enumerate(self.layers):
-            x = x + layer.attn(layer.pre_norm(x), rope, i, cache, rows, slots, mask)
-            x = x + layer.mlp(layer.post_norm(x))
+        with attention_kernels(x):
+            for i, layer in enumerate(self.layers):
+                x = x + layer.attn(layer.pre_norm(x), rope, i, cache, rows, slots, mask)
+                x = x + layer.mlp(layer.post_norm(x))
         hidden = self.norm(x)
         return hidden, self.action_head(hidden).float(), self.cb0_head(hidden).float()
 
@@ -274,9 +295,10 @@ class Depformer(nn.Module):
         if stage == 0 and self.text_embed is not None:
             token = token + self.text_embed(main, second)
         x = self.depformer_in[str(group)](hidden) + token
-        for i, layer in enumerate(self.layers):
-            x = x + layer.self_attention(layer.pre_norm(x), stage, group, rope, i, cache)
-            x = x + layer.mlp(layer.post_norm(x))
+        with attention_kernels(x):
+            for i, layer in enumerate(self.layers):
+                x = x + layer.self_attention(layer.pre_norm(x), stage, group, rope, i, cache)
+                x = x + layer.mlp(layer.post_norm(x))
         return self.logits[stage](self.norm(x))[..., : self.vocab_limit].float()
 
 

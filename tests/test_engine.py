@@ -64,6 +64,62 @@ def test_teacher_forced_backbone_and_depformer(engine, golden):
             assert relative_error(logits, golden[f"{key}.logits"].view(2, -1)) < 1e-4, (t, s)
 
 
+def test_cpu_attention_kernel_ignores_other_rows_and_masked_slots():
+    """The kernel `attention_kernels` picks on the CPU computes a row the same with any number of other rows
+    and any number of masked slots after its own (PyTorch's fused CPU kernel does not, for small heads)."""
+    import torch.nn.functional as F
+
+    from dia2_worker.model import attention_kernels
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 2, 2, 16, generator=generator),
+               torch.randn(8, 2, 161, 16, generator=generator), torch.randn(8, 2, 161, 16, generator=generator))
+
+    def attend(rows: int, kv_len: int) -> torch.Tensor:
+        mask = (torch.arange(kv_len) <= 20).expand(rows, 1, 2, kv_len)
+        with attention_kernels(q):
+            return F.scaled_dot_product_attention(q[:rows], k[:rows, :, :kv_len], v[:rows, :, :kv_len],
+                                                  attn_mask=mask, scale=1.0)[:2]
+
+    reference = attend(2, 161)
+    for rows in (2, 4, 8):
+        for kv_len in (32, 64, 161):
+            assert torch.equal(attend(rows, kv_len), reference), (rows, kv_len)
+
+
+def test_on_the_cpu_a_generation_computes_the_same_bits_in_any_batch_and_cache_length(engine):
+    """Four generations' rows (eight) through the backbone and a depformer stage at once, attention reading
+    665 cache slots, give bit for bit what each generation's two rows give alone reading 161 or 512 (runners
+    read their whole buffer, at least max_context_steps + 1 slots, or whole 512-slot blocks)."""
+    cfg, model = engine.config, engine.model
+    rows, length, steps = 8, 665, 5
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.cat([torch.randint(0, 5, (rows, steps, 2), generator=generator),
+                        torch.randint(0, cfg.data.audio_vocab_size - 2, (rows, steps, cfg.num_codebooks),
+                                      generator=generator)], dim=-1)
+    rope = engine.rope(length)
+
+    def run(row_slice: slice, kv_len: int) -> list[torch.Tensor]:
+        count = row_slice.stop - row_slice.start
+        state = engine.new_state(count // 2, kv_len)
+        outputs = []
+        for t in range(steps):
+            positions = torch.full((count, 1), t)
+            with torch.inference_mode():
+                hidden, action, cb0 = model.transformer(tokens[row_slice, t: t + 1], rope[:, positions].unsqueeze(-2),
+                                                        state.cache, positions, kv_len)
+                logits = model.depformer(1, hidden[:, 0], tokens[row_slice, t, 2], tokens[row_slice, t, 0],
+                                         tokens[row_slice, t, 1], engine.stage_ropes[1], state.stage_cache)
+            outputs += [hidden, action, cb0, logits]
+        return outputs
+
+    together = run(slice(0, rows), length)
+    for g in range(rows // 2):
+        for kv_len in (engine.buffer_length(), 512):
+            alone = run(slice(2 * g, 2 * g + 2), kv_len)
+            assert all(torch.equal(a, b[2 * g: 2 * g + 2]) for a, b in zip(alone, together)), (g, kv_len)
+
+
 @pytest.mark.parametrize("include_prefix", [False, True])
 def test_stream_is_the_offline_result(engine, golden_cases, tiny_dir, include_prefix):
     case = next(c for c in golden_cases if c.get("include_prefix") == include_prefix)

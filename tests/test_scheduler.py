@@ -235,3 +235,37 @@ def test_attention_reads_the_cache_in_whole_blocks_with_unchanged_tokens(engine,
     whole = run()
     assert set(read) == {length}
     assert all(torch.equal(a, b) for a, b in zip(blocks, whole))
+
+
+def test_random_jobs_joining_at_random_frames_match_jobs_run_alone(engine):
+    """Twelve jobs of random scripts and parameters (greedy and sampled, several CFG scales) join four slots
+    at random frames: rows are reused and batch sizes change all the time, and every job still gets its tokens
+    alone."""
+    import random
+
+    rng = random.Random(7)
+    words = "hello world this is a test how are you fine thanks the quick brown fox jumps over lazy dog".split()
+    plans = []
+    for _ in range(12):
+        script = " ".join(f"[S{rng.randint(1, 2)}] " + " ".join(rng.choices(words, k=rng.randint(1, 5)))
+                          for _ in range(rng.randint(1, 3)))
+        greedy = rng.random() < 0.4
+        params = GenerationParams(seed=rng.randint(0, 10**6), cfg_scale=rng.choice([1.0, 2.0, 3.0]),
+                                  text_temperature=0 if greedy else 0.7, audio_temperature=0 if greedy else 1.0)
+        plans.append(engine.prepare(GenerationRequest(script, params)))
+    runner = BatchRunner(engine, 4, max(p.buffer_length for p in plans), decode_audio=False)
+    frames: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(plans))}
+    job_of, waiting, finished, sizes = {}, list(range(len(plans))), set(), set()
+    while len(finished) < len(plans):
+        if waiting and runner.free_rows() and rng.random() < 0.3:
+            slot, emitted = runner.join(plans[waiting[0]])
+            job_of[slot] = waiting.pop(0)
+            frames[job_of[slot]] += [f.tokens for f in emitted.frames]
+        sizes.add(len(runner.active))
+        for slot, emitted in runner.step().items():
+            frames[job_of[slot]] += [f.tokens for f in emitted.frames]
+            if emitted.finished:
+                finished.add(job_of[slot])
+    assert {1, 2, 3, 4} <= sizes
+    for i, plan in enumerate(plans):
+        assert torch.equal(torch.stack(frames[i], dim=1), engine.generate(plan).tokens), f"job {i}"
