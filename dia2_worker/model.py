@@ -158,7 +158,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor | None,
                 slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """rows: the cache rows of x's rows (None: all rows, in order); slots [R, T]: where each frame's K/V go."""
+        """rows: the cache rows of x's rows (None: all rows, in order); slots [R, T]: where each frame's K/V go;
+        mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see `Backbone.forward`)."""
         R, T, _ = x.shape
         D = self.head_dim
         q, k, v = self.qkv(x).split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
@@ -175,7 +176,6 @@ class Attention(nn.Module):
         # math as repeating K/V per query head, without copying the cache, and the masked fused kernels accept
         # it (they reject grouped heads with a mask, falling back to one that materialises everything).
         q = q.view(R, T, self.kv_heads, groups, D).permute(0, 2, 3, 1, 4).reshape(R, self.kv_heads, groups * T, D)
-        mask = mask.unsqueeze(2).expand(R, 1, groups, T, kv_len).reshape(R, 1, groups * T, kv_len)
         out = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask,
                                              scale=1.0)
         out = out.view(R, self.kv_heads, groups, T, D).permute(0, 3, 1, 2, 4)
@@ -202,6 +202,7 @@ class Backbone(nn.Module):
         # The C per-codebook tables stacked into one [C * V, E] table: one gather per frame.
         self.audio_embed = Embedding(data.num_codebooks * data.audio_vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(BackboneLayer(cfg, config.model.norm_eps) for _ in range(cfg.n_layer))
+        self.query_groups = cfg.gqa_query_heads // cfg.kv_heads
         self.norm = RMSNorm(cfg.n_embd, config.model.norm_eps)
         self.action_head = Linear(cfg.n_embd, data.action_vocab_size)
         self.cb0_head = Linear(cfg.n_embd, data.audio_vocab_size)
@@ -218,7 +219,10 @@ class Backbone(nn.Module):
         x = self.text_embed(tokens[..., 0], tokens[..., 1])
         for c in range(self.num_codebooks):  # summed in codebook order, as the original does
             x = x + audio[..., c, :]
-        mask = (torch.arange(kv_len, device=tokens.device) <= slots.unsqueeze(-1)).unsqueeze(1)
+        # Which slots each query row sees, in attention's packed order (query group g, frame t -> row g * T + t).
+        R, T = slots.shape
+        visible = torch.arange(kv_len, device=tokens.device) <= slots.unsqueeze(-1)  # [R, T, kv_len]
+        mask = visible.unsqueeze(1).expand(R, self.query_groups, T, kv_len).reshape(R, 1, self.query_groups * T, kv_len)
         with attention_kernels(x):
             for i, layer in enumerate(self.layers):
                 x = x + layer.attn(layer.pre_norm(x), rope, i, cache, rows, slots, mask)
