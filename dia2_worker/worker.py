@@ -175,7 +175,7 @@ class WorkerService:
         done = threading.Event()
         errors: list[BaseException] = []
         outputs = [0]
-        enough = 10**9 if self.scheduler.engine.device.type == "cuda" else WARMUP_CPU_STEPS
+        enough = math.inf if self.scheduler.engine.device.type == "cuda" else WARMUP_CPU_STEPS
 
         def on_output(out) -> None:
             if isinstance(out, BaseException):
