@@ -180,12 +180,11 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def load_weights(model_dir: str | Path, config: Dia2Config, device: torch.device, dtype: torch.dtype, *,
-                 staged_fp32: bool = False) -> dict[str, torch.Tensor]:
+def load_weights(model_dir: str | Path, config: Dia2Config, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Engine tensors from a baked directory (read as they are) or a published one (checked and fused).
 
-    A baked file goes to a GPU in one sequential pass (`read_to_device`). `staged_fp32` is the naive path
-    the cold-start baseline measures: every tensor read as float32 on the host, then moved, then cast.
+    A baked file goes to a GPU in one sequential pass (`read_to_device`).
     """
     from .timing import PHASES
 
@@ -195,11 +194,6 @@ def load_weights(model_dir: str | Path, config: Dia2Config, device: torch.device
         with PHASES.phase("weights (published layout)"):
             return load_published_weights(path, config, device, dtype)
     check_names_and_shapes(safetensors_shapes(path), engine_shapes(config), str(path))
-    if staged_fp32:
-        with PHASES.phase("weights read (fp32, host)"):
-            host = read_safetensors(path, None, torch.device("cpu"), torch.float32)
-        with PHASES.phase("weights to device + cast"):
-            return {name: t.to(device).to(dtype) for name, t in host.items()}
     with PHASES.phase("weights read + to device"):
         if device.type == "cuda":
             return {name: t.to(dtype) for name, t in read_to_device(path, device).items()}

@@ -4,9 +4,9 @@
 
 Each run starts `python -u handler.py` with DIA2_STARTUP_REPORT set: the worker loads as in production,
 then times one job to its first audio and writes its phases (start and end on the process's clock, and
-the thread each ran on, since loading overlaps the SDK import). `--baseline` also runs the naive path
-(everything imported up front, one step after another, float32 weights on the host then moved and cast,
-no warm-up) in the same session, so the speed-up is a ratio from one run.
+the thread each ran on, since loading overlaps the SDK import). `--baseline` also runs the naive start,
+`bench/naive_start.py` (everything imported up front, one step after another, float32 weights on the host
+then moved and cast, no warm-up), in the same session, so the speed-up is a ratio from one run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HANDLER = Path(__file__).resolve().parents[1] / "handler.py"
+ROOT = Path(__file__).resolve().parents[1]
+HANDLER = ROOT / "handler.py"
+NAIVE_START = ROOT / "bench" / "naive_start.py"
 
 
 def run_once(model_dir: Path, device: str | None, baseline: bool, timeout: float) -> dict:
@@ -29,13 +31,13 @@ def run_once(model_dir: Path, device: str | None, baseline: bool, timeout: float
     with tempfile.TemporaryDirectory(prefix="coldstart-") as scratch:
         report_path = Path(scratch) / "report.json"
         env = {**os.environ, "MODEL_DIR": str(model_dir), "OUTPUT_DIR": str(Path(scratch) / "output"),
-               "DIA2_STARTUP_REPORT": str(report_path), "DIA2_START_BASELINE": "1" if baseline else "0"}
+               "DIA2_STARTUP_REPORT": str(report_path)}
         for name in [n for n in env if n.startswith(("RUNPOD_WEBHOOK", "BUCKET_"))]:
             del env[name]  # a measurement stores locally and never talks to a platform
         if device:
             env["DEVICE"] = device
         started = time.monotonic()
-        process = subprocess.run([sys.executable, "-u", str(HANDLER)], env=env, capture_output=True, text=True,
+        process = subprocess.run([sys.executable, "-u", str(NAIVE_START if baseline else HANDLER)], env=env, capture_output=True, text=True,
                                  timeout=timeout)
         wall = time.monotonic() - started
         if process.returncode != 0 or not report_path.is_file():

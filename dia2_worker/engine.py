@@ -11,102 +11,30 @@ final; `generate` is exactly the concatenation of what `stream` yields, decoded 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from .batch import GenerationStream
 from .checkpoint import build_model, load_weights
 from .config import Dia2Config
+from .generation import (AudioFrame, Event, GenerationPlan, GenerationRequest, GenerationResult, PrefixPlan,
+                         PrefixSpeech, VoicePrefix, Word)
 from .model import Dia2Model, KVCache, rope_tables
+from .output import NOT_SET, StepOutput
 from .params import GenerationParamError, GenerationParams
 from .sampling import SamplingParams, guide, sample, uniform
 from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, normalize_script, parse_script,
                    prefix_entries, text_step)
 
+__all__ = ["AudioFrame", "Dia2Engine", "Event", "GenerationParamError", "GenerationParams", "GenerationPlan",
+           "GenerationRequest", "GenerationResult", "GenerationState", "PrefixSpeech", "VoicePrefix", "Word"]
+
 UNGENERATED = -2            # buffer cells no frame has written yet
-NOT_SET = -(1 << 40)        # first-word frame not seen yet
 NEVER = 1 << 40             # EOS cutoff not known yet
-
-
-@dataclass(frozen=True)
-class PrefixSpeech:
-    """Earlier speech of one speaker: audio (float samples [N] or [N, channels]) and its word timings."""
-
-    samples: np.ndarray | torch.Tensor
-    sample_rate: int
-    words: tuple[tuple[str, float, float], ...]
-
-
-@dataclass(frozen=True)
-class VoicePrefix:
-    speaker_1: PrefixSpeech
-    speaker_2: PrefixSpeech | None = None
-    include_audio: bool = False
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    script: str | Sequence[str]
-    params: GenerationParams = GenerationParams()
-    prefix: VoicePrefix | None = None
-
-
-@dataclass(frozen=True)
-class PrefixPlan:
-    """A voice prefix ready to prefill: its codes and the text inputs of its frames."""
-
-    codes: torch.Tensor               # aligned prefix codes [C, T], on the engine's device
-    text_inputs: torch.Tensor         # [T, 2] conditional (main, second) input of each prefix frame, on the CPU
-    words: tuple[tuple[int, int], ...]  # (entry, frame) of the prefix words consumed by the warm-up
-    entry_count: int
-
-
-@dataclass(frozen=True)
-class GenerationPlan:
-    """Everything a generation needs before it joins a batch, computed off the step loop: validated
-    parameters, the script's entries, the text state machine's row ready to copy (already run through the
-    voice prefix's frames, which need no model), and the prefix's codes."""
-
-    entries: tuple[Entry, ...]
-    params: GenerationParams          # seed resolved
-    text: TextState                   # one row, on the CPU
-    text_tokens: tuple[int, int]      # conditional (main, second) input of the start frame
-    prefix: PrefixPlan | None
-    include_prefix: bool
-    start_frame: int
-    max_frames: int
-    buffer_length: int
-    main_carries_new_word: bool       # if not, the crop is known before the first frame
-
-    @property
-    def prefix_entry_count(self) -> int:
-        return 0 if self.prefix is None else self.prefix.entry_count
-
-    @property
-    def slot_shift(self) -> int:
-        """Cache slot minus frame: 1 after a voice prefix (its last frame is run twice), else 0."""
-        return 0 if self.prefix is None else 1
-
-
-@dataclass(frozen=True)
-class AudioFrame:
-    """One finished frame of the output (after the crop): all codebooks, delays undone."""
-
-    index: int
-    tokens: torch.Tensor  # [C] int64, CPU
-    pcm: np.ndarray | None = None  # [frame_size] float32 from the streaming decoder, when decoding
-
-
-@dataclass(frozen=True)
-class Word:
-    text: str
-    time_s: float
-
-
-Event = AudioFrame | Word
 
 
 @dataclass
@@ -146,32 +74,6 @@ class GenerationState:
                                **fields)
 
 
-@dataclass
-class StepOutput:
-    """What one step produced for every row (device tensors; a row that was already finished produced nothing
-    meaningful, and its owner has stopped reading it)."""
-
-    frame: torch.Tensor           # [B] the frame this step ran
-    frame_index: torch.Tensor     # [B] index of the aligned frame finished by this step (< 0: none)
-    frame_tokens: torch.Tensor    # [B, C]
-    word_entry: torch.Tensor      # [B] entry consumed as a word this step (-1: none)
-    first_word_frame: torch.Tensor  # [B]
-    done: torch.Tensor            # [B] the row has no frame left to run
-
-
-@dataclass
-class GenerationResult:
-    tokens: torch.Tensor          # [C, T] int64 aligned, cropped
-    waveform: torch.Tensor        # [T * 1920] float32 in [-1, 1]
-    sample_rate: int
-    timestamps: list[tuple[str, float]]
-    seed: int
-
-    @property
-    def frames(self) -> int:
-        return self.tokens.shape[1]
-
-
 class Dia2Engine:
     """A loaded Dia2 model with its tokenizer and Mimi codec."""
 
@@ -196,11 +98,8 @@ class Dia2Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path, mimi_dir: str | Path | None = None, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, *, staged_fp32: bool = False) -> "Dia2Engine":
-        """A baked or published model directory (config.json, model.safetensors, tokenizer.json; Mimi in `mimi/`).
-
-        `staged_fp32` loads the naive way (see checkpoint.load_weights), for the cold-start baseline.
-        """
+             dtype: torch.dtype = torch.float32) -> "Dia2Engine":
+        """A baked or published model directory (config.json, model.safetensors, tokenizer.json; Mimi in `mimi/`)."""
         from .mimi import load_mimi
         from .timing import PHASES
 
@@ -209,7 +108,7 @@ class Dia2Engine:
             config = Dia2Config.load(model_dir / "config.json")
         with PHASES.phase("tokenizer"):
             tokenizer = Dia2Tokenizer.from_dir(model_dir)
-        tensors = load_weights(model_dir, config, device, dtype, staged_fp32=staged_fp32)
+        tensors = load_weights(model_dir, config, device, dtype)
         with PHASES.phase("model"):
             model = build_model(config, tensors)
         with PHASES.phase("mimi"):
@@ -339,10 +238,12 @@ class Dia2Engine:
             initial_padding=torch.zeros(B, **long),
         )
 
-    def start(self, state: GenerationState, row: int, plan: GenerationPlan) -> list[tuple[int, int]]:
+    def start(self, state: GenerationState, row: int,
+              plan: GenerationPlan) -> tuple[list[tuple[int, int]], torch.Tensor]:
         """Put a planned generation in `row`: reset its state and prefill its voice prefix through the backbone.
 
-        Returns the (entry, frame) words the prefix consumed.
+        Returns the (entry, frame) words the prefix consumed and the aligned frames [N, C] (on the CPU) that
+        its prefix finished before the start frame.
         """
         if plan.buffer_length > state.length:
             raise ValueError(f"plan needs {plan.buffer_length} buffer frames, the state holds {state.length}")
@@ -360,9 +261,12 @@ class Dia2Engine:
         state.first_word_frame[row] = NOT_SET
         state.initial_padding[row] = p.initial_padding
         if plan.prefix is None:
-            return []
+            return [], torch.zeros(0, self.config.num_codebooks, dtype=torch.long)
         self._prefill(state, row, plan.prefix)
-        return list(plan.prefix.words)
+        count = max(plan.start_frame + 1 - self.max_delay, 0)
+        rows = torch.full((count,), row, device=self.device)
+        frames = self.aligned_frames(state, rows, torch.arange(count, device=self.device)).cpu()
+        return list(plan.prefix.words), frames
 
     def _prefill(self, state: GenerationState, row: int, prefix: PrefixPlan) -> None:
         """Prefix frames 0..T-1 through the backbone in one pass (their text inputs are known: the state
@@ -394,15 +298,12 @@ class Dia2Engine:
         return self._ropes[length]
 
     @torch.no_grad()
-    def step(self, state: GenerationState, kv_len: int, host_sync: bool = False) -> StepOutput:
+    def step(self, state: GenerationState, kv_len: int) -> StepOutput:
         """Advance every row by one frame. Pure tensor work: no host syncs, so it can be graph-captured.
         Rows that are finished run too (their results are ignored), which keeps shapes static.
 
         Attention reads cache slots [0, kv_len): at least every active row's slot + 1 (the runner picks it from
-        a few fixed lengths, so each length can be one graph); rows whose slot is beyond it compute garbage.
-        `host_sync` reads every sampled token back to the host as it is drawn, the way the original
-        runtime does (a benchmark baseline; the tokens are the same).
-        """
+        a few fixed lengths, so each length can be one graph); rows whose slot is beyond it compute garbage.        """
         cfg, ids, sp = self.config, self.ids, state.sampling
         B, C, L = state.batch, cfg.num_codebooks, state.length
         data = cfg.data
@@ -420,8 +321,6 @@ class Dia2Engine:
 
         text_token = sample(guide(action_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k), sp.text_temperature,
                             sp.text_top_k, uniform(sp.seed, t, 0))
-        if host_sync:
-            text_token.tolist()
         main, second, word_entry = text_step(state.text, t, text_token, torch.zeros_like(t, dtype=torch.bool), ids,
                                              self.ahead)
         first_seen = (state.first_word_frame == NOT_SET) & (main == ids.new_word)
@@ -435,8 +334,6 @@ class Dia2Engine:
         guided[:, data.audio_bos_token_id] = lowest
         token = sample(guided, sp.audio_temperature, sp.audio_top_k, uniform(sp.seed, t, 1))
         state.audio[:, 0].scatter_(1, write_at, token.unsqueeze(1))
-        if host_sync:
-            token.tolist()
         main2, second2 = main.repeat_interleave(2), second.repeat_interleave(2)
         for s in range(cfg.num_stages):
             logits = self.model.depformer(s, hidden, token.repeat_interleave(2), main2, second2, self.stage_ropes[s],
@@ -444,8 +341,6 @@ class Dia2Engine:
             token = sample(guide(logits, sp.cfg_scale, sp.cfg_filter_k), sp.audio_temperature, sp.audio_top_k,
                            uniform(sp.seed, t, 2 + s))
             state.audio[:, s + 1].scatter_(1, write_at, token.unsqueeze(1))
-            if host_sync:
-                token.tolist()
 
         end_step = state.text.end_step
         state.eos_cutoff.copy_(torch.where((state.eos_cutoff == NEVER) & (end_step >= 0),
@@ -475,8 +370,6 @@ class Dia2Engine:
     def stream(self, request: GenerationRequest | GenerationPlan, decode_audio: bool = False):
         """One generation, eagerly, as an iterator of AudioFrame and Word events (frames carry PCM from the
         streaming decoder when `decode_audio`); its `timestamps` are complete once it is exhausted."""
-        from .scheduler import GenerationStream
-
         plan = request if isinstance(request, GenerationPlan) else self.prepare(request)
         return GenerationStream(self, plan, decode_audio)
 
@@ -496,67 +389,3 @@ class Dia2Engine:
         with torch.inference_mode():
             wave = self.codec.decode(tokens.to(self.device).unsqueeze(0))
         return wave[0, 0].float().clamp(-1.0, 1.0).cpu()
-
-
-@dataclass
-class OutputWindow:
-    """Decides which frames and words of a generation are output, and emits them as soon as that is final.
-
-    The output drops the first `crop` frames (the first-word frame, or the start frame; nothing when the
-    prefix audio is kept, and nothing if the crop would remove everything). Until the crop is final,
-    frames that might be dropped and words whose times depend on it are held back.
-    """
-
-    plan: GenerationPlan
-    crop: int | None = field(init=False)
-    held_frames: list[AudioFrame] = field(default_factory=list)
-    held_words: list[tuple[str, int]] = field(default_factory=list)
-    timestamps: list[tuple[str, float]] = field(default_factory=list)
-    frames_seen: int = 0
-    words_seen: int = 0
-    final: bool = False
-
-    def __post_init__(self) -> None:
-        plan = self.plan
-        self.crop = 0 if plan.include_prefix else None if plan.main_carries_new_word else plan.start_frame
-
-    def add_frame(self, index: int, tokens: torch.Tensor) -> Iterator[Event]:
-        self.frames_seen = index + 1
-        self.held_frames.append(AudioFrame(index, tokens))
-        yield from self._release()
-
-    def add_word(self, entry: int, frame: int) -> Iterator[Event]:
-        self.words_seen += 1
-        if self.plan.include_prefix or self.words_seen > self.plan.prefix_entry_count:
-            self.held_words.append((self.plan.entries[entry].text, frame))
-        yield from self._release()
-
-    def set_first_word_frame(self, frame: int) -> Iterator[Event]:
-        if self.crop is None:
-            self.crop = max(frame, 0)
-        yield from self._release()
-
-    def finish(self) -> Iterator[Event]:
-        if self.crop is None:
-            self.crop = self.plan.start_frame
-        if self.crop >= self.frames_seen:
-            self.crop = 0
-        self.final = True
-        yield from self._release()
-
-    def _release(self) -> Iterator[Event]:
-        if not self.final:
-            if self.crop is None or self.frames_seen <= self.crop:
-                return
-            self.final = True
-        crop = self.crop
-        for frame in self.held_frames:
-            if frame.index >= crop:
-                yield AudioFrame(frame.index - crop, frame.tokens)
-        self.held_frames.clear()
-        for text, frame in self.held_words:
-            if frame >= crop:
-                word = Word(text, (frame - crop) / FRAME_RATE)
-                self.timestamps.append((word.text, word.time_s))
-                yield word
-        self.held_words.clear()

@@ -6,6 +6,7 @@ overlap the SDK's slow import; `WorkerService.handle` is the async generator Run
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -14,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from .env import Range, WorkerConfigError, env_flag, env_number
 from .jobs import WorkerLimits
@@ -24,7 +25,7 @@ log = logging.getLogger("dia2_worker")
 
 WARMUP_SCRIPT = "[S1] Warming up. [S2] Ready."
 WARMUP_CPU_STEPS = 3
-MAX_DEFAULT_SLOTS = 64
+MAX_SLOTS = 1024
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class WorkerSettings:
             model_dir=Path(env.get("MODEL_DIR") or "/models/dia2"),
             device=device,
             dtype=dtype,
-            slots=env_number(env, "SLOTS", int, Range(1, 1024), None),
+            slots=env_number(env, "SLOTS", int, Range(1, MAX_SLOTS), None),
             max_concurrency=env_number(env, "MAX_CONCURRENCY", int, Range(1, 4096), None),
             cuda_graphs=env_flag(env, "CUDA_GRAPHS", device.startswith("cuda")),
             torch_compile=env_flag(env, "TORCH_COMPILE", False),
@@ -88,26 +89,6 @@ def _init_cuda(device: str) -> None:
         torch.empty(1, device=device)
 
 
-@dataclass(frozen=True)
-class StartOptions:
-    """How the process gets ready. The defaults are the fast path; `baseline()` is the naive path the
-    cold-start measurement compares with: everything imported up front, one step after another, weights
-    read as float32 on the host then moved and cast, no warm-up (the first job pays for it)."""
-
-    overlap: bool = True
-    warm_up: bool = True
-    staged_fp32: bool = False
-    eager_imports: bool = False
-
-    @classmethod
-    def baseline(cls) -> "StartOptions":
-        return cls(overlap=False, warm_up=False, staged_fp32=True, eager_imports=True)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "StartOptions":
-        return cls.baseline() if env_flag(env, "DIA2_START_BASELINE", False) else cls()
-
-
 class WorkerService:
     """A loaded, warmed model behind a scheduler, and the per-job entry point RunPod calls."""
 
@@ -116,28 +97,42 @@ class WorkerService:
         self.max_concurrency = settings.max_concurrency or scheduler.slots
 
     @classmethod
-    def load(cls, env: Mapping[str, str], options: StartOptions = StartOptions()) -> "WorkerService":
+    def load(cls, env: Mapping[str, str]) -> "WorkerService":
         """Everything before the first job: settings, weights, codec, storage, scheduler, warm-up."""
         with PHASES.phase("import torch"):
             import torch
 
-        with PHASES.phase("import dia2_worker"):
+        with PHASES.phase("import dia2_worker"):  # the whole job path: later phases time work, not imports
+            from . import runner, scheduler  # noqa: F401
             from .engine import Dia2Engine
-            from .runner import JobRunner, RunnerSettings
-            from .scheduler import Scheduler
             from .storage import StorageSettings, make_storage
 
         started = time.monotonic()
         settings = WorkerSettings.from_env(env)
-        if settings.device.startswith("cuda") and options.overlap:  # the CUDA context, while files are read
+        if settings.device.startswith("cuda"):  # the CUDA context, while files are read
             threading.Thread(target=_init_cuda, args=(settings.device,), name="dia2-cuda-init", daemon=True).start()
         logging.getLogger("dia2_worker").setLevel(settings.log_level)
         limits = WorkerLimits.from_env(env)
         storage_settings = StorageSettings.from_env(env)
         # The S3 client (boto3's import alone is ~0.3 s) is built beside the model load.
         storage_future = ThreadPoolExecutor(1, thread_name_prefix="dia2-storage").submit(make_storage, storage_settings)
-        engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype),
-                                 staged_fp32=options.staged_fp32)
+        engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype))
+        service = cls.serving(engine, env, settings, limits, storage_future.result, storage_settings.output_dir)
+        with PHASES.phase("warm-up"):
+            service.warm_up()
+        log.info("ready in %.2f s: %s on %s (%s), %d slots, concurrency %d", time.monotonic() - started,
+                 settings.model_dir, settings.device, settings.dtype, service.scheduler.slots, service.max_concurrency)
+        return service
+
+    @classmethod
+    def serving(cls, engine, env: Mapping[str, str], settings: WorkerSettings, limits: WorkerLimits,
+                storage: Callable[[], Any], output_dir: Path) -> "WorkerService":
+        """A loaded engine behind a scheduler and the job runner, not yet warmed up; `storage()` gives the
+        storage client (built beside the model load). The scheduler's thread is stopped at exit, before
+        torch's thread pools are torn down (a thread still holding torch state then aborts the process)."""
+        from .runner import JobRunner, RunnerSettings
+        from .scheduler import RunMode, Scheduler
+
         frame_rate = engine.codec.frame_rate
         max_duration = engine.config.runtime.max_context_steps / frame_rate
         if limits.max_duration_s > max_duration:
@@ -151,20 +146,16 @@ class WorkerService:
         log.info("slots: %d generations of up to %d frames, %.1f MiB of cache each", slots, length,
                  slot_bytes(engine, length) / 2**20)
         with PHASES.phase("scheduler (caches, graphs)"):
-            scheduler = Scheduler(engine, slots, length, decode_audio=True, graphs=settings.cuda_graphs,
-                                  lag=2 if settings.cuda_graphs else 0, compile=settings.torch_compile)
-        runner = JobRunner(scheduler, storage_future.result(), limits, RunnerSettings(
+            mode = RunMode(graphs=settings.cuda_graphs, compile=settings.torch_compile,
+                           lag=2 if settings.cuda_graphs else 0)
+            scheduler = Scheduler(engine, slots, length, decode_audio=True, mode=mode)
+        atexit.register(scheduler.close)
+        runner = JobRunner(scheduler, storage(), limits, RunnerSettings(
             inline_audio_max_bytes=settings.inline_audio_max_bytes,
-            spool_dir=storage_settings.output_dir / "spool",
+            spool_dir=output_dir / "spool",
             job_timeout_s=settings.job_timeout_s,
         ))
-        service = cls(settings, runner, scheduler)
-        if options.warm_up:
-            with PHASES.phase("warm-up"):
-                service.warm_up()
-        log.info("ready in %.2f s: %s on %s (%s), %d slots, concurrency %d", time.monotonic() - started,
-                 settings.model_dir, settings.device, settings.dtype, slots, service.max_concurrency)
-        return service
+        return cls(settings, runner, scheduler)
 
     def warm_up(self) -> None:
         """A generation through the whole path before any job, then cancelled: on a GPU up to its first audio
@@ -248,71 +239,61 @@ def slot_bytes(engine, length: int) -> int:
 
 
 def default_slots(engine, length: int) -> int:
-    """As many slots as 80% of free GPU memory holds (up to 64); one on CPU."""
+    """As many slots as 80% of free GPU memory holds (frame graphs are captured as batch sizes are first
+    used, so a large count costs nothing at start); one on CPU."""
     if engine.device.type != "cuda":
         return 1
     import torch
 
     free, _ = torch.cuda.mem_get_info(engine.device)
-    return max(1, min(MAX_DEFAULT_SLOTS, int(free * 0.8) // slot_bytes(engine, length)))
+    return max(1, min(MAX_SLOTS, int(free * 0.8) // slot_bytes(engine, length)))
 
 
 class Loading:
     """The service being loaded on a background thread, so the caller can import the SDK meanwhile."""
 
-    def __init__(self, env: Mapping[str, str], options: StartOptions) -> None:
-        self.options = options
+    def __init__(self, env: Mapping[str, str]) -> None:
         self._service: WorkerService | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._load, args=(dict(env),), name="dia2-load", daemon=True)
-        if options.overlap:
-            self._thread.start()
-        else:
-            if options.eager_imports:
-                _import_everything()
-            self._thread.run()
+        self._thread.start()
 
     def _load(self, env: dict[str, str]) -> None:
         try:
-            self._service = WorkerService.load(env, self.options)
+            self._service = WorkerService.load(env)
         except BaseException as exc:  # reported to the main thread by result()
             self._error = exc
 
     def result(self) -> WorkerService:
-        if self.options.overlap:
-            self._thread.join()
+        self._thread.join()
         if self._error is not None:
             raise self._error
         return self._service
 
 
-def _import_everything() -> None:
-    """The baseline's imports: the SDK, the storage client and the model stack, one after another."""
-    import importlib
-    import importlib.util
-
-    for name in ("runpod", "torch", "boto3", "numpy", "soundfile", "tokenizers", "safetensors", "transformers"):
-        if importlib.util.find_spec(name) is not None:
-            with PHASES.phase(f"import {name}"):
-                importlib.import_module(name)
-
-
 def start_loading(env: Mapping[str, str] | None = None) -> Loading:
     """Begin loading the service on a thread; the caller imports the RunPod SDK meanwhile."""
+    set_up_process()
+    return Loading(os.environ if env is None else env)
+
+
+def set_up_process() -> None:
+    """Every process-wide setting the worker makes, before torch or the SDK is imported (the scheduler's stop
+    at exit is registered with the scheduler, in `WorkerService.serving`):
+    - logging;
+    - OMP_WAIT_POLICY=PASSIVE: torch runs on two threads here (loading, then the scheduler); with OpenMP's
+      default spin-waiting the idle team of one burns the cores the other needs (measured 10x slower CPU
+      steps); libgomp reads it when torch loads;
+    - RUNPOD_LOG_LEVEL=INFO: the SDK's default, DEBUG, logs every yielded chunk;
+    - the SDK's CPU probe answered from /proc/cpuinfo.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Torch runs on two threads here (loading, then the scheduler). With OpenMP's default spin-waiting, the
-    # idle team of one thread burns the cores the other needs: measured 10x slower CPU steps. Before torch
-    # is imported, so libgomp reads it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")  # the SDK's default, DEBUG, logs every yielded chunk
-    env = os.environ if env is None else env
-    options = StartOptions.from_env(env)
-    if options.overlap:
-        _skip_sdk_cpu_probe()
-    return Loading(env, options)
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+    _answer_sdk_cpu_probe()
 
 
-def _skip_sdk_cpu_probe() -> None:
+def _answer_sdk_cpu_probe() -> None:
     """`import runpod` spends ~1.1 s in py-cpuinfo's full probe (a subprocess) only to print the processor's
     name in its debug output; answer that one question from /proc/cpuinfo instead."""
     try:

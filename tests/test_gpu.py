@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dia2_worker.engine import GenerationParams, GenerationRequest
-from dia2_worker.scheduler import BatchRunner
+from dia2_worker.batch import BatchRunner, RunMode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,7 +27,8 @@ def run_tokens(engine, params: GenerationParams, graphs: bool, frames: int = FRA
     """Step one generation `frames` times (a script long enough never to end) and return its buffer."""
     script = "[S1] " + " ".join(["alpha beta gamma delta"] * 40)
     plan = engine.prepare(GenerationRequest(script, params))
-    runner = BatchRunner(engine, 1, plan.buffer_length, decode_audio=False, graphs=graphs, lag=2 if graphs else 0)
+    runner = BatchRunner(engine, 1, plan.buffer_length, decode_audio=False,
+                         mode=RunMode(graphs=graphs, lag=2 if graphs else 0))
     slot, _ = runner.join(plan)
     for _ in range(frames):
         runner.step()
@@ -55,7 +56,8 @@ def test_graph_rows_do_not_disturb_each_other(engine_2b):
     plans = [engine_2b.prepare(GenerationRequest(script, p)) for p in params]
 
     def first_row(batch: list[int]) -> torch.Tensor:
-        runner = BatchRunner(engine_2b, 4, plans[0].buffer_length, decode_audio=False, graphs=True, lag=2)
+        runner = BatchRunner(engine_2b, 4, plans[0].buffer_length, decode_audio=False,
+                             mode=RunMode(graphs=True, lag=2))
         for i in batch:
             runner.join(plans[i])
         for _ in range(64):

@@ -13,7 +13,8 @@ import torch
 
 from dia2_worker.engine import (AudioFrame, GenerationParamError, GenerationParams, GenerationRequest, PrefixSpeech,
                                 VoicePrefix)
-from dia2_worker.scheduler import BatchRunner, Emitted, JobTimeout, Scheduler
+from dia2_worker.batch import BatchRunner, Emitted, RunMode
+from dia2_worker.scheduler import JobTimeout, Scheduler
 
 REQUESTS = [
     GenerationRequest("[S1] hello world this is a test [S2] how are you",
@@ -39,7 +40,7 @@ def solo(engine) -> list[torch.Tensor]:
 @pytest.mark.parametrize("lag", [0, 2])
 def test_jobs_joining_and_leaving_match_jobs_run_alone(engine, solo, lag):
     plans = [engine.prepare(request) for request in REQUESTS]
-    runner = BatchRunner(engine, 3, max(p.buffer_length for p in plans), decode_audio=False, lag=lag)
+    runner = BatchRunner(engine, 3, max(p.buffer_length for p in plans), decode_audio=False, mode=RunMode(lag=lag))
     join_at = [0, 3, 7, 8, 9]  # more jobs than slots: later ones wait for a slot to free up
     frames: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(plans))}
     job_of, waiting, finished, step = {}, list(range(len(plans))), set(), 0
@@ -170,11 +171,11 @@ def test_a_step_runs_only_the_rows_up_to_the_last_occupied_one(engine):
 
 def test_late_pcm_keeps_every_slots_output_in_order(engine, solo, monkeypatch):
     """As on a GPU, where decoded audio arrives a few steps late: deliveries wait for their PCM in order."""
-    from dia2_worker import scheduler
+    from dia2_worker import batch
 
-    monkeypatch.setattr(scheduler.PendingAudio, "ready", lambda self: False)  # never early: only when forced
+    monkeypatch.setattr(batch.PendingAudio, "ready", lambda self: False)  # never early: only when forced
     plans = [engine.prepare(request) for request in REQUESTS[:3]]
-    runner = BatchRunner(engine, 2, max(p.buffer_length for p in plans), decode_audio=True, lag=2)
+    runner = BatchRunner(engine, 2, max(p.buffer_length for p in plans), decode_audio=True, mode=RunMode(lag=2))
     outputs: dict[int, list[Emitted]] = {i: [] for i in range(3)}
     job_of, waiting = {}, [0, 1, 2]
     while waiting or any(not out or not out[-1].finished for out in outputs.values()):
@@ -198,7 +199,7 @@ def test_attention_reads_the_cache_in_whole_blocks_with_unchanged_tokens(engine,
     left, and both generations get the tokens of always reading the whole cache."""
     import soundfile
 
-    from dia2_worker import graphs, scheduler
+    from dia2_worker import batch, graphs
 
     assert graphs.kv_buckets(161) == [161] and graphs.kv_buckets(1501) == [512, 1024, 1501]
     samples, rate = soundfile.read(tiny_dir / "prefix_s1.wav", dtype="float32")
@@ -214,9 +215,9 @@ def test_attention_reads_the_cache_in_whole_blocks_with_unchanged_tokens(engine,
     read: list[int] = []
     step = engine.step
 
-    def recording_step(state, kv_len, host_sync=False):
+    def recording_step(state, kv_len):
         read.append(kv_len)
-        return step(state, kv_len, host_sync)
+        return step(state, kv_len)
 
     def run() -> list[torch.Tensor]:
         runner = BatchRunner(engine, 2, length, decode_audio=False)
@@ -230,7 +231,7 @@ def test_attention_reads_the_cache_in_whole_blocks_with_unchanged_tokens(engine,
     monkeypatch.setattr(engine, "step", recording_step)
     blocks = run()
     assert 512 < length < 1024 and read[0] == 512 and read[-1] == 512 and length in read
-    monkeypatch.setattr(scheduler, "kv_buckets", lambda length: [length])
+    monkeypatch.setattr(batch, "kv_buckets", lambda length: [length])
     read.clear()
     whole = run()
     assert set(read) == {length}

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .conv import ConvOverlap, LayerStates
 from .transformer import KVCache
-
-if TYPE_CHECKING:
-    from .codec import MimiCodec
 
 
 @dataclass
@@ -41,10 +38,23 @@ class DecoderState:
         self.seanet.reset(rows)
 
 
+class Codec(Protocol):
+    """What the decoder needs of the codec (codec.MimiCodec, which builds decoders and so imports this module)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def check_codes(self, codes: Tensor) -> Tensor: ...
+
+    def init_decoder_state(self, batch: int) -> DecoderState: ...
+
+    def decode_step(self, codes: Tensor, state: DecoderState, active: Tensor | None = None) -> Tensor: ...
+
+
 class StreamingDecoder:
     """`codec.streaming_decoder(B)`: frames [B, K, n] in, the next n * frame_size samples of each (active) row out."""
 
-    def __init__(self, codec: MimiCodec, batch_size: int) -> None:
+    def __init__(self, codec: Codec, batch_size: int) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.codec = codec
