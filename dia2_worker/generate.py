@@ -10,15 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .params import GenerationParams
-
-# Generation parameters by the flag that sets them, so errors name what the user typed.
-FLAGS = {
-    "text_temperature": "--text-temperature", "text_top_k": "--text-top-k",
-    "audio_temperature": "--temperature", "audio_top_k": "--top-k",
-    "cfg_scale": "--cfg-scale", "cfg_filter_k": "--cfg-filter-k",
-    "initial_padding": "--initial-padding", "seed": "--seed", "max_frames": "--max-frames", "text": "--text",
-}
+from .params import PARAMS, GenerationParams, flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,18 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output WAV path")
     parser.add_argument("--tokens-out", type=Path, help="write the aligned audio tokens, int64 [C, T], as .npy")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the result")
-    parser.add_argument("--seed", type=int)
-    defaults = GenerationParams()
-    parser.add_argument("--temperature", type=float, default=defaults.audio_temperature,
-                        help="audio temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=defaults.audio_top_k, help="audio top-k")
-    parser.add_argument("--text-temperature", type=float, default=defaults.text_temperature,
-                        help="text temperature (0 = greedy)")
-    parser.add_argument("--text-top-k", type=int, default=defaults.text_top_k)
-    parser.add_argument("--cfg-scale", type=float, default=defaults.cfg_scale)
-    parser.add_argument("--cfg-filter-k", type=int, default=defaults.cfg_filter_k)
-    parser.add_argument("--initial-padding", type=int, default=defaults.initial_padding)
-    parser.add_argument("--max-frames", type=int, help="stop after this many frames (12.5 per second)")
+    for param in PARAMS:
+        parser.add_argument(param.flag, dest=param.name, type=param.type, default=param.default, help=param.help)
     for n in (1, 2):
         parser.add_argument(f"--prefix-speaker-{n}", type=Path, help=f"voice prefix audio of speaker {n}")
         parser.add_argument(f"--prefix-speaker-{n}-words", type=Path,
@@ -88,17 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Dia2Engine, GenerationParamError, GenerationRequest
 
     script = args.text if args.text is not None else args.text_file.read_text()
-    params = GenerationParams(
-        text_temperature=args.text_temperature, text_top_k=args.text_top_k, audio_temperature=args.temperature,
-        audio_top_k=args.top_k, cfg_scale=args.cfg_scale, cfg_filter_k=args.cfg_filter_k,
-        initial_padding=args.initial_padding, seed=args.seed, max_frames=args.max_frames,
-    )
+    params = GenerationParams(**{param.name: getattr(args, param.name) for param in PARAMS})
     engine = Dia2Engine.load(args.model_dir, args.mimi_dir, args.device, getattr(torch, args.dtype))
     try:
         result = engine.generate(GenerationRequest(script, params, _prefix(args, parser)))
     except GenerationParamError as exc:
-        flag = FLAGS.get(exc.param, exc.param)
-        parser.error(f"{flag}: {str(exc).split(': ', 1)[1]}")
+        parser.error(f"{flag(exc.param)}: {exc.message}")
     audio.write_wav(args.out, result.waveform.numpy(), result.sample_rate)
     if args.tokens_out:
         np.save(args.tokens_out, result.tokens.numpy().astype(np.int64))

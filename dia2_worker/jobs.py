@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .env import FALSE, TRUE, Range, WorkerConfigError, env_number
-from .params import MAX_SEED, GenerationParams
+from .params import JOB_PARAMS
 
 if TYPE_CHECKING:
     import http.client
@@ -53,9 +53,6 @@ MAX_URL_CHARS = 2048
 MAX_KEY_PREFIX_CHARS = 200
 MAX_PREFIX_CHANNELS = 2
 
-DEFAULTS = GenerationParams()
-"""The engine's defaults (Nari Labs' Dia2 runtime's): audio 0.8/50, text 0.6/50, cfg 2.0 with filter 50."""
-
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 """Control characters (newline, carriage return and tab excepted) and lone surrogates."""
 _URL_CHARS = re.compile(rf"[!-~]{{1,{MAX_URL_CHARS}}}")
@@ -71,10 +68,6 @@ class JobInputError(ValueError):
         self.field = field
 
 
-_SEED = Range(0, MAX_SEED)
-_TEMPERATURE = Range(0, 5)
-_TOP_K = Range(1, 10_000)  # the engine clamps k to the vocabulary
-_CFG_SCALE = Range(0, 20, lo_open=True)
 _PRESIGN_EXPIRY_S = Range(60, 604_800)  # S3 presigned URLs live at most 7 days
 _SAMPLE_RATE = Range(8_000, 192_000)
 _POSITIVE = Range(0, lo_open=True)
@@ -208,13 +201,8 @@ def parse_job(raw: object, limits: WorkerLimits) -> JobRequest:
         raise JobInputError("include_prefix", "can only be true when a prefix is given")
     return JobRequest(
         text=_text(text, "text", limits.max_text_chars),
-        seed=job.optional("seed", None, _integer, _SEED),
-        temperature=job.optional("temperature", DEFAULTS.audio_temperature, _real, _TEMPERATURE),
-        top_k=job.optional("top_k", DEFAULTS.audio_top_k, _integer, _TOP_K),
-        text_temperature=job.optional("text_temperature", DEFAULTS.text_temperature, _real, _TEMPERATURE),
-        text_top_k=job.optional("text_top_k", DEFAULTS.text_top_k, _integer, _TOP_K),
-        cfg_scale=job.optional("cfg_scale", DEFAULTS.cfg_scale, _real, _CFG_SCALE),
-        cfg_filter_k=job.optional("cfg_filter_k", DEFAULTS.cfg_filter_k, _integer, _TOP_K),
+        **{p.job_field: job.optional(p.job_field, p.default, _integer if p.type is int else _real, p.range)
+           for p in JOB_PARAMS},  # seed, sampling and guidance: params.PARAMS
         max_duration_s=job.optional(
             "max_duration_s", limits.max_duration_s, _real, Range(0, limits.max_duration_s, lo_open=True)
         ),

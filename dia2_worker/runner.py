@@ -22,13 +22,13 @@ from . import audio
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
 from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, parse_job,
                    progress_item, result_item, words_item)
+from .params import JOB_PARAMS, job_field
 from .scheduler import Emitted, JobTimeout, Scheduler
 from .storage import LocalStorage, Storage, StorageError
 
 log = logging.getLogger("dia2_worker.runner")
 
 # Engine parameter -> the job field a user sets it with, so errors name what the user sent.
-JOB_FIELDS = {"audio_temperature": "temperature", "audio_top_k": "top_k", "max_frames": "max_duration_s"}
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,8 @@ class RunnerSettings:
 def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:
     """Job fields -> engine request. max_duration_s bounds the output: frames run = output frames + the
     delay tail (the last codebooks of a frame arrive max_delay - 1 steps after its first)."""
-    params = GenerationParams(
-        text_temperature=job.text_temperature, text_top_k=job.text_top_k, audio_temperature=job.temperature,
-        audio_top_k=job.top_k, cfg_scale=job.cfg_scale, cfg_filter_k=job.cfg_filter_k, seed=job.seed,
-        max_frames=math.ceil(job.max_duration_s * 1000 / FRAME_MS) + max_delay - 1,
-    )
+    params = GenerationParams(**{p.name: getattr(job, p.job_field) for p in JOB_PARAMS},
+                              max_frames=math.ceil(job.max_duration_s * 1000 / FRAME_MS) + max_delay - 1)
     prefix = None
     if job.prefix is not None:
         speeches = [None if p is None else PrefixSpeech(p.samples, p.sample_rate, p.words)
@@ -192,8 +189,7 @@ class _AudioStream:
 
 
 def _job_error(exc: GenerationParamError) -> str:
-    field = JOB_FIELDS.get(exc.param, exc.param)
-    return f"{field}: {str(exc).split(': ', 1)[1]}"
+    return f"{job_field(exc.param)}: {exc.message}"
 
 
 def _failure(exc: BaseException) -> str:
