@@ -37,7 +37,8 @@ def run_once(model_dir: Path, device: str | None, baseline: bool, timeout: float
         if device:
             env["DEVICE"] = device
         started = time.monotonic()
-        process = subprocess.run([sys.executable, "-u", str(NAIVE_START if baseline else HANDLER)], env=env, capture_output=True, text=True,
+        script = NAIVE_START if baseline else HANDLER
+        process = subprocess.run([sys.executable, "-u", str(script)], env=env, capture_output=True, text=True,
                                  timeout=timeout)
         wall = time.monotonic() - started
         if process.returncode != 0 or not report_path.is_file():

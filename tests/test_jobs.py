@@ -641,15 +641,13 @@ SMALL = WorkerLimits(private_audio_networks=LOOPBACK, audio_url_timeout_s=1.0, m
 
 
 def test_declared_oversize_body_is_refused_before_reading(url: Callable[[str], str]) -> None:
-    started = time.monotonic()
-    refused(
+    refused(  # on the declared size alone: the body is never read
         url_job(url("/declares-huge")),
         URL_FIELD,
         "10000000000 bytes (Content-Length)",
         "10000 byte limit",
         limits=SMALL,
     )
-    assert time.monotonic() - started < 0.5
 
 
 def test_undeclared_oversize_body_is_cut_off(url: Callable[[str], str]) -> None:
@@ -659,9 +657,9 @@ def test_undeclared_oversize_body_is_cut_off(url: Callable[[str], str]) -> None:
 
 @pytest.mark.parametrize("path", ["/slow-body", "/slow-headers"])
 def test_slow_download_hits_the_total_time_cap(url: Callable[[str], str], path: str) -> None:
-    started = time.monotonic()
+    # Each read arrives well within any per-read timeout: only the total cap can end it (the routes take 4.5 s
+    # or more).
     refused(url_job(url(path)), URL_FIELD, "did not finish within the 1 s limit", limits=ALLOW_LOOPBACK)
-    assert 0.9 < time.monotonic() - started < 2.0
 
 
 def test_worker_recovers_after_a_slow_download(url: Callable[[str], str]) -> None:
