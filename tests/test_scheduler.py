@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -61,19 +62,27 @@ def test_jobs_joining_and_leaving_match_jobs_run_alone(engine, solo, lag):
 
 
 class Collector:
-    """What the scheduler thread delivered to one job."""
+    """What the scheduler thread delivered to one job. `at_first_frames` runs on the scheduler thread when the
+    first frames arrive (before the next frame runs); `log` records (collector, frames so far) per delivery, in
+    the order the scheduler thread made them."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: list | None = None, at_first_frames: Callable[[], None] | None = None) -> None:
         self.frames: list[AudioFrame] = []
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.log, self.at_first_frames = log, at_first_frames
 
     def __call__(self, out: Emitted | BaseException) -> None:
         if isinstance(out, BaseException):
             self.error = out
             self.done.set()
             return
+        first = out.frames and not self.frames
         self.frames += out.frames
+        if self.log is not None:
+            self.log.append((self, len(self.frames)))
+        if first and self.at_first_frames is not None:
+            self.at_first_frames()
         if out.finished:
             self.done.set()
 
@@ -85,13 +94,16 @@ class Collector:
 def test_scheduler_runs_queued_jobs_and_a_cancelled_job_frees_its_slot(engine, solo):
     scheduler = Scheduler(engine, 2, engine.buffer_length(), decode_audio=True)
     try:
-        collectors = [Collector() for _ in REQUESTS]
-        tickets = [scheduler.submit(engine.prepare(r), c) for r, c in zip(REQUESTS, collectors)]
-        deadline = time.monotonic() + 30
-        while not collectors[1].frames and time.monotonic() < deadline:
-            time.sleep(0.005)
-        cancelled_at = time.monotonic()
-        tickets[1].cancel()  # job 1 is running: its slot must go to the next job in line
+        log: list = []
+        tickets, submitted = [], threading.Event()
+
+        def cancel_job_1() -> None:  # at its first frames, so it cannot finish first
+            submitted.wait()
+            tickets[1].cancel()  # job 1 is running: its slot must go to the next job in line
+
+        collectors = [Collector(log, cancel_job_1 if i == 1 else None) for i in range(len(REQUESTS))]
+        tickets += [scheduler.submit(engine.prepare(r), c) for r, c in zip(REQUESTS, collectors)]
+        submitted.set()
         for i, collector in enumerate(collectors):
             if i != 1:
                 assert collector.done.wait(60), f"job {i} did not finish"
@@ -101,8 +113,12 @@ def test_scheduler_runs_queued_jobs_and_a_cancelled_job_frees_its_slot(engine, s
         assert not collectors[1].done.is_set()
         assert len(collectors[1].frames) < solo[1].shape[1]
         assert all(t.started_at is not None for t in tickets)
-        # Job 2 waited for a slot; it got job 1's right away, while job 0 was still running.
-        assert cancelled_at < tickets[2].started_at < cancelled_at + 0.5
+        # Job 2 waited for a slot; it got job 1's before the next frame (job 0 gets at most the rest of the
+        # frame job 1 was cancelled in), while job 0 was still running.
+        jobs = [collectors.index(collector) for collector, _ in log]
+        cancelled, joined = len(jobs) - 1 - jobs[::-1].index(1), jobs.index(2)  # job 1's last delivery cancelled it
+        assert cancelled < joined and jobs[cancelled + 1: joined].count(0) <= 1
+        assert 0 in jobs[joined:]
         assert tickets[2].started_at < tickets[3].started_at
     finally:
         scheduler.close()
@@ -124,7 +140,14 @@ def test_streamed_pcm_matches_the_offline_decode(engine):
 def test_failures_and_timeouts_fail_only_their_job_and_free_the_slot(engine, solo, monkeypatch):
     scheduler = Scheduler(engine, 1, engine.buffer_length(), decode_audio=False)  # one slot: a leak would hang
     try:
-        too_big, broken, queued, running, good = (Collector() for _ in range(5))
+        tickets, submitted = [], threading.Event()
+
+        def run_past_the_limit() -> None:  # at its first frames, on the scheduler thread: stopped within a frame
+            submitted.wait()
+            tickets[0].deadline = time.monotonic() - 1
+
+        too_big, broken, queued, good = (Collector() for _ in range(4))
+        running = Collector(at_first_frames=run_past_the_limit)
         long_script = GenerationRequest("[S1] " + " ".join(["hi"] * 3000), GenerationParams(max_frames=None))
         huge = engine.check  # planning skips the context check here, to build a plan larger than a slot
         monkeypatch.setattr(engine, "check", lambda r: (r.params, huge(REQUESTS[4])[1] * 600, 160))
@@ -136,11 +159,9 @@ def test_failures_and_timeouts_fail_only_their_job_and_free_the_slot(engine, sol
                             if plan is failing else start(state, row, plan))
         scheduler.submit(failing, broken)
         scheduler.submit(engine.prepare(REQUESTS[1]), queued, deadline=time.monotonic() - 1)
-        ticket = scheduler.submit(engine.prepare(REQUESTS[2]), running)
+        tickets.append(scheduler.submit(engine.prepare(REQUESTS[2]), running))
+        submitted.set()
         scheduler.submit(engine.prepare(REQUESTS[4]), good)
-        while not running.frames and not running.done.is_set():
-            time.sleep(0.001)
-        ticket.deadline = time.monotonic() - 1  # runs past its limit: stopped within a frame
         for collector in (too_big, broken, queued, running, good):
             assert collector.done.wait(60)
         assert isinstance(too_big.error, GenerationParamError) and too_big.error.param == "text"
