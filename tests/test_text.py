@@ -59,14 +59,16 @@ def test_parse_script_first_word_keeps_its_s1(tokenizer):
 def test_prefix_entries_timing(tokenizer):
     words = [("hello", 0.1, 0.4), ("there", 0.5, 0.9), ("friend", 1.0, 1.6)]
     entries, steps = prefix_entries(words, tokenizer, "[S1]")
-    n0, n1, n2 = (len(e.tokens) for e in entries)
-    assert entries[0].tokens == tuple(tokenizer.encode("[S1] hello"))
-    start0 = max(1, round(0.1 * 12.5))
-    start1 = max(start0 + n0 + 1, round(0.5 * 12.5))
-    start2 = max(start1 + n1 + 1, round(1.0 * 12.5))
-    assert steps == [start0 - 1, start1 - 1, start2 - 1]
-    assert entries[0].padding == max(0, max(start0 + n0 + 1, round(0.5 * 12.5)) - start0 - 1)
-    assert entries[2].padding == max(0, max(start2 + n2 + 1, round(1.6 * 12.5)) - start2 - 1)
+    assert [e.tokens for e in entries] == [(4, 228, 265, 295), tuple(tokenizer.encode("there")),
+                                           tuple(tokenizer.encode("friend"))]
+    assert [len(e.tokens) for e in entries] == [4, 2, 6]
+    # Worked by hand from the original runtime's words_to_entries (12.5 frames/s, Python's rounding):
+    # hello: starts at frame max(0 + 1, round(1.25)) = 1, its 4 tokens end at 5; there starts at
+    #   max(5 + 1, round(6.25)) = 6, so hello pads 6 - 1 - 1 = 4 frames;
+    # there: 2 tokens end at 8; friend starts at max(8 + 1, round(12.5) = 12) = 12: padding 12 - 6 - 1 = 5;
+    # friend: 6 tokens end at 18; the speech ends at max(18 + 1, round(20.0)) = 20: padding 20 - 12 - 1 = 7.
+    assert steps == [0, 5, 11]  # the frame before each word's start
+    assert [e.padding for e in entries] == [4, 5, 7]
 
 
 class OracleMachine:
