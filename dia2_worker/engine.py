@@ -75,12 +75,18 @@ class GenerationState:
 
 
 class Dia2Engine:
-    """A loaded Dia2 model with its tokenizer and Mimi codec."""
+    """A loaded Dia2 model with its tokenizer and Mimi codec.
+
+    `batch_invariant` is the numerics policy (see Dia2Model.set_batch_invariant), set here once: on for the
+    CPU, off for a GPU, unless given.
+    """
 
     def __init__(self, config: Dia2Config, model: Dia2Model, tokenizer: Dia2Tokenizer, codec,
-                 device: torch.device) -> None:
+                 device: torch.device, batch_invariant: bool | None = None) -> None:
         self.config, self.model, self.tokenizer, self.codec = config, model, tokenizer, codec
         self.device = device
+        self.batch_invariant = device.type == "cpu" if batch_invariant is None else batch_invariant
+        model.set_batch_invariant(self.batch_invariant)
         self.dtype = next(model.parameters()).dtype
         data = config.data
         self.ids = tokenizer.token_ids(data.text_new_word_token_id, data.text_pad_token_id, data.text_zero_token_id)

@@ -27,15 +27,17 @@ class Linear(nn.Module):
     """y = x W^T over x [R, ...]. Parameters are created empty: they always come from a checkpoint, and
     skipping the random init keeps building the model (on the meta device) instant."""
 
+    batch_invariant = False  # see Dia2Model.set_batch_invariant
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or x.shape[0] <= ROWS_PER_GENERATION:
+        if not self.batch_invariant or x.shape[0] <= ROWS_PER_GENERATION:
             return F.linear(x, self.weight)
-        # On the CPU a matrix product rounds differently with more rows (another code path): one generation's
-        # rows at a time, so its tokens are the same alone or in any batch.
+        # A matrix product may round differently with more rows (another code path): one generation's rows at
+        # a time, so its tokens are the same alone or in any batch.
         return torch.cat([F.linear(rows, self.weight) for rows in x.split(ROWS_PER_GENERATION)])
 
 
@@ -72,11 +74,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-def attention_kernels(x: torch.Tensor) -> ContextManager:
-    """On the CPU, attention uses the math kernel: unlike the fused one, what it computes for a row does not
-    depend on the other rows or on how many masked cache slots it reads, so a generation's tokens are the
-    same alone or in any batch. On a GPU, the fused kernels."""
-    return contextlib.nullcontext() if x.is_cuda else sdpa_kernel([SDPBackend.MATH])
+def attention_kernels(batch_invariant: bool) -> ContextManager:
+    """Batch-invariant attention uses the math kernel: unlike the fused CPU one, what it computes for a row
+    does not depend on the other rows or on how many masked cache slots it reads, so a generation's tokens
+    are the same alone or in any batch. Otherwise, the fused kernels."""
+    return sdpa_kernel([SDPBackend.MATH]) if batch_invariant else contextlib.nullcontext()
 
 
 def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device) -> torch.Tensor:
@@ -194,6 +196,8 @@ class BackboneLayer(nn.Module):
 class Backbone(nn.Module):
     """The frame-rate transformer: text + audio tokens of a frame -> hidden, action logits, codebook-0 logits."""
 
+    batch_invariant = False  # see Dia2Model.set_batch_invariant
+
     def __init__(self, config: Dia2Config) -> None:
         super().__init__()
         data, cfg = config.data, config.model.decoder
@@ -223,7 +227,7 @@ class Backbone(nn.Module):
         R, T = slots.shape
         visible = torch.arange(kv_len, device=tokens.device) <= slots.unsqueeze(-1)  # [R, T, kv_len]
         mask = visible.unsqueeze(1).expand(R, self.query_groups, T, kv_len).reshape(R, 1, self.query_groups * T, kv_len)
-        with attention_kernels(x):
+        with attention_kernels(self.batch_invariant):
             for i, layer in enumerate(self.layers):
                 x = x + layer.attn(layer.pre_norm(x), rope, i, cache, rows, slots, mask)
                 x = x + layer.mlp(layer.post_norm(x))
@@ -271,6 +275,8 @@ class DepformerLayer(nn.Module):
 class Depformer(nn.Module):
     """Predicts codebooks 1..C-1 of a frame, one stage each, from the backbone hidden and the previous codebook."""
 
+    batch_invariant = False  # see Dia2Model.set_batch_invariant
+
     def __init__(self, config: Dia2Config) -> None:
         super().__init__()
         data, cfg = config.data, config.model.depformer
@@ -299,7 +305,7 @@ class Depformer(nn.Module):
         if stage == 0 and self.text_embed is not None:
             token = token + self.text_embed(main, second)
         x = self.depformer_in[str(group)](hidden) + token
-        with attention_kernels(x):
+        with attention_kernels(self.batch_invariant):
             for i, layer in enumerate(self.layers):
                 x = x + layer.self_attention(layer.pre_norm(x), stage, group, rope, i, cache)
                 x = x + layer.mlp(layer.post_norm(x))
@@ -312,3 +318,18 @@ class Dia2Model(nn.Module):
         self.config = config
         self.transformer = Backbone(config)
         self.depformer = Depformer(config)
+
+    batch_invariant = False
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """The device-dependent numerics policy, set once at load (the engine turns it on for the CPU). On, a
+        generation's rows compute the same bits in any batch and at any cache length: dense layers run one
+        generation's rows at a time and attention runs the math kernel. The CPU needs both for batched ==
+        solo; on a GPU the batched kernels stay, and a job's tokens do not depend on the other rows at one
+        batch size."""
+        for module in self.modules():
+            if isinstance(module, (Dia2Model, Backbone, Depformer, Linear)):
+                module.batch_invariant = on
+
+    def extra_repr(self) -> str:
+        return f"batch_invariant={self.batch_invariant}"

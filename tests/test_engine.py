@@ -77,7 +77,7 @@ def test_cpu_attention_kernel_ignores_other_rows_and_masked_slots():
 
     def attend(rows: int, kv_len: int) -> torch.Tensor:
         mask = (torch.arange(kv_len) <= 20).expand(rows, 1, 2, kv_len)
-        with attention_kernels(q):
+        with attention_kernels(True):
             return F.scaled_dot_product_attention(q[:rows], k[:rows, :, :kv_len], v[:rows, :, :kv_len],
                                                   attn_mask=mask, scale=1.0)[:2]
 
@@ -85,6 +85,16 @@ def test_cpu_attention_kernel_ignores_other_rows_and_masked_slots():
     for rows in (2, 4, 8):
         for kv_len in (32, 64, 161):
             assert torch.equal(attend(rows, kv_len), reference), (rows, kv_len)
+
+
+def test_the_numerics_policy_is_set_once_at_load_and_shown(engine):
+    """On the CPU the engine turns batch invariance on for every module that depends on it, and says so."""
+    from dia2_worker.model import Backbone, Depformer, Linear
+
+    assert engine.device.type == "cpu" and engine.batch_invariant is True
+    assert repr(engine.model).splitlines()[:2] == ["Dia2Model(", "  batch_invariant=True"]
+    policed = [m for m in engine.model.modules() if isinstance(m, (Backbone, Depformer, Linear))]
+    assert len(policed) > 10 and all(m.batch_invariant for m in policed)
 
 
 def test_on_the_cpu_a_generation_computes_the_same_bits_in_any_batch_and_cache_length(engine):
