@@ -313,6 +313,12 @@ def test_hub_bake_round_trips_every_tensor(hub_bake, tiny_dir):
             holds(tensor, name)
     assert sorted(held) == sorted(published)
 
+    codec = MimiCodec.skeleton(MimiConfig.load(tiny_dir / "mimi" / "config.json"))
+    expected = codec_tensors(codec, load_file(str(tiny_dir / "mimi" / "model.safetensors")), torch.device("cpu"),
+                             torch.bfloat16)
+    baked = load_file(str(hub_bake / "mimi" / "model.safetensors"))
+    assert baked.keys() == expected.keys() and all(torch.equal(baked[n], expected[n]) for n in baked)
+
 
 @pytest.mark.parametrize("args, token, expected", [
     (["--revision", "v9"], TOKEN, "Revision Not Found"),
