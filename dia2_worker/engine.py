@@ -2,10 +2,11 @@
 row by one 80 ms frame.
 
 The state of a generation (cache rows, frame counter, delayed audio buffer, text machine, sampling
-parameters) lives in `GenerationState`, whose tensors all have a batch dimension, so the scheduler can run
-many generations in one step and the whole step can be captured as one CUDA graph. `Dia2Engine.stream`
-runs a single generation eagerly and yields audio frames (delays undone) and words as soon as they are
-final; `generate` is exactly the concatenation of what `stream` yields, decoded by Mimi.
+parameters) lives in `GenerationState`, whose tensors all have a batch dimension, so a BatchRunner
+(batch.py) can run many generations in one step and the whole step can be captured as one CUDA graph.
+`Dia2Engine.stream` runs a single generation as a runner of one row and yields audio frames (delays undone)
+and words as soon as they are final; `generate` is exactly the concatenation of what `stream` yields,
+decoded by Mimi. The request, plan and event types live in generation.py and are re-exported here.
 """
 
 from __future__ import annotations
