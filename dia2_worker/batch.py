@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -29,8 +29,8 @@ MAX_DECODE_FRAMES = 32  # a backlog (a kept voice prefix) is decoded this many f
 class FrameEngine(Protocol):
     """What a runner needs of the engine (engine.Dia2Engine): its state, start and one-frame step."""
 
-    config: object
-    codec: object
+    config: Any
+    codec: Any
     device: torch.device
 
     def new_state(self, batch: int, length: int, max_entries: int | None, max_tokens: int | None): ...
@@ -113,7 +113,8 @@ class SlotTable:
 # ----------------------------------------------------------------------------------------- frame executors
 
 class EagerFrames:
-    """Frames run as ordinary kernels: exactly the rows up to the last occupied one."""
+    """Frames run as they are called (ordinary kernels, or compiled ones), for the given batch sizes (all of
+    them when eager: exactly the rows up to the last occupied one) and cache lengths."""
 
     def __init__(self, frame: Callable[[int, int], torch.Tensor], batch_sizes: list[int], kv_sizes: list[int]) -> None:
         self.frame, self.batch_sizes, self.kv_sizes = frame, batch_sizes, kv_sizes
