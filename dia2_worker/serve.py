@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -61,7 +62,14 @@ def run(host: str, env: dict[str, str]) -> None:
     server = uvicorn.Server(uvicorn.Config(create_app(state, settings), log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5))
     log.info("listening on http://%s:%d (health: %d)", host, ports[0], ports[-1])
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found: a
+    # platform stopping the worker is a clean exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     asyncio.run(server.serve(sockets=sockets))
+
+
+def _exit_cleanly(signum: int, frame) -> None:
+    raise SystemExit(0)
 
 
 def _listen(host: str, port: int) -> socket.socket:
