@@ -36,14 +36,15 @@ class Server:
     """A running `python -m dia2_worker.serve`: its base URL, and its log, read as it is written."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        """As the image starts it: `python -u handler.py` with SERVE_MODE=http (PORT=0: any free port)."""
         self.log_path = log_path
         self.lines: list[str] = []
         self.changed = threading.Condition()
-        self.process = subprocess.Popen([sys.executable, "-m", "dia2_worker.serve", "--host", "127.0.0.1",
-                                         "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-u", "handler.py"], cwd=ROOT,
+                                        env={**env, "SERVE_MODE": "http", "PORT": "0"}, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._read, daemon=True).start()
-        port = self.wait_line(r"listening on http://127\.0\.0\.1:(\d+)").group(1)
+        port = self.wait_line(r"listening on http://0\.0\.0\.0:(\d+)").group(1)
         self.url = f"http://127.0.0.1:{port}"
 
     def _read(self) -> None:
@@ -310,3 +311,58 @@ def test_overload_is_a_429_with_retry_after(server) -> None:
                 ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
     for request_id in ids:
         wait_freed(running, request_id, start)
+
+
+def test_the_queue_worker_never_imports_the_web_stack(tiny_dir: Path, tmp_path: Path) -> None:
+    from test_imports import imported_after
+
+    env = {**os.environ, "MODEL_DIR": str(tiny_dir), "DEVICE": "cpu", "OUTPUT_DIR": str(tmp_path)}
+    modules = imported_after("import handler, runpod\nfrom dia2_worker.worker import WorkerService\n"
+                             "WorkerService.load(__import__('os').environ)", env)
+    assert "dia2_worker" in modules
+    assert not modules & {"starlette", "uvicorn", "fastapi", "openai", "anyio", "h11"}
+
+
+@pytest.mark.parametrize(("command", "env", "message"), [
+    (["handler.py"], {"SERVE_MODE": "grpc"}, "error: SERVE_MODE: must be queue (the default) or http, got 'grpc'"),
+    (["-m", "dia2_worker.serve"], {"PORT": "http"}, "error: PORT: must be an integer between 0 and 65535"),
+    (["-m", "dia2_worker.serve"], {"VOICES_DIR": "/nonexistent"}, "error: VOICES_DIR: /nonexistent is not a"),
+    (["-m", "dia2_worker.serve"], {"MAX_WAITING": "-1"}, "error: MAX_WAITING: must be an integer"),
+])
+def test_a_bad_setting_is_one_line_and_a_nonzero_exit(command: list[str], env: dict, message: str) -> None:
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert done.returncode != 0
+    assert done.stderr.strip().startswith(message) and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_voice_without_its_words_is_refused_at_start(tiny_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_dir / "prefix_s1.wav", tmp_path / "narrator.wav")
+    done = subprocess.run([sys.executable, "-m", "dia2_worker.serve"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "VOICES_DIR": str(tmp_path)}, timeout=TIMEOUT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: VOICES_DIR: {tmp_path / 'narrator.json'} must hold"), done.stderr
+
+
+def test_a_failed_load_is_503_on_both_ports(tmp_path: Path) -> None:
+    """PORT_HEALTH apart from PORT: /ping on both, the API on PORT only; a model that cannot load is a 503."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
+    env = {**os.environ, "MODEL_DIR": str(tmp_path / "missing"), "DEVICE": "cpu", "OUTPUT_DIR": str(tmp_path),
+           "PORT_HEALTH": str(health_port)}
+    running = Server(env, tmp_path / "server.log")
+    try:
+        assert running.wait_line(r"\(health: (\d+)\)").group(1) == str(health_port)
+        running.wait_line(r"loading failed")
+        health = f"http://127.0.0.1:{health_port}"
+        for url in (running.url, health):
+            ping = httpx.get(f"{url}/ping")
+            assert ping.status_code == 503 and ping.json()["status"] == "failed"
+        assert httpx.get(f"{health}/v1/models").status_code == 404
+        models = httpx.get(f"{running.url}/v1/models")
+        assert models.status_code == 503 and "failed to load" in models.json()["error"]["message"]
+    finally:
+        assert running.stop() == 0
