@@ -98,6 +98,10 @@ def load_voices(directory: Path | None, limits: WorkerLimits) -> dict[str, dict]
     return voices
 
 
+def _is_one_of(value: object, names) -> bool:
+    return isinstance(value, str) and value in names
+
+
 class ApiError(Exception):
     """An answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
 
@@ -201,14 +205,14 @@ class SpeechApi:
             raise _invalid(unknown[0], f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                                        f"(allowed here: {', '.join(sorted(SPEECH_FIELDS + DIA2_FIELDS))})")
         models = dict.fromkeys([MODEL_ALIAS, self.state.model_id])
-        if body.get("model") not in models:
+        if not _is_one_of(body.get("model"), models):
             raise _invalid("model", f"must be {' or '.join(json.dumps(m) for m in models)}, "
                                     f"got {json.dumps(body.get('model'))}")
         response_format = body.get("response_format", "mp3")
-        if response_format not in FORMATS:
+        if not _is_one_of(response_format, FORMATS):
             raise _invalid("response_format", f"must be one of {', '.join(FORMATS)}, got {json.dumps(response_format)}")
         stream_format = body.get("stream_format", "audio")
-        if stream_format not in STREAM_FORMATS:
+        if not _is_one_of(stream_format, STREAM_FORMATS):
             raise _invalid("stream_format", f"must be audio or sse, got {json.dumps(stream_format)}")
         speed = body.get("speed", 1.0)
         if speed != 1.0 or isinstance(speed, bool):
@@ -216,8 +220,8 @@ class SpeechApi:
         job = {key: body[key] for key in DIA2_FIELDS if key in body}
         job.update(text=body.get("input"), stream=True, chunk_ms=FRAME_MS)
         voice = body.get("voice")
-        if voice is not None and voice not in OPENAI_VOICES:
-            if voice not in self.state.voices:
+        if voice is not None and not _is_one_of(voice, OPENAI_VOICES):
+            if not _is_one_of(voice, self.state.voices):
                 registered = ", ".join(self.state.voices) or "none (VOICES_DIR)"
                 raise _invalid("voice", f"unknown voice {json.dumps(voice)}; registered voices: {registered}; "
                                         f"OpenAI's names ({', '.join(OPENAI_VOICES)}) mean no voice prefix")

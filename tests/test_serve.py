@@ -122,32 +122,41 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def queue_job(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """run(input) -> (streamed pcm, stored file bytes): the queue worker's service in this process."""
+    """run(input) -> (streamed pcm, stored file): the queue worker's service in this process, storing into
+    moto's S3 server; the stored object's key extension and Content-Type follow output.format."""
+    from s3_server import MotoServer, bucket_env
+
+    from dia2_worker.encoders import FORMATS
     from dia2_worker.worker import WorkerService
 
-    output = tmp_path_factory.mktemp("queue")
-    service = WorkerService.load({"MODEL_DIR": str(tiny_dir), "DEVICE": "cpu", "OUTPUT_DIR": str(output)})
     done: dict[str, tuple[bytes, bytes]] = {}
+    with MotoServer() as moto:
+        env = {"MODEL_DIR": str(tiny_dir), "DEVICE": "cpu", "OUTPUT_DIR": str(tmp_path_factory.mktemp("queue")),
+               **bucket_env(moto.endpoint_url, moto.create_bucket())}
+        service = WorkerService.load(env)
 
-    def run(job_input: dict) -> tuple[bytes, bytes]:
-        key = json.dumps(job_input, sort_keys=True)
-        if key not in done:
-            done[key] = generate(job_input)
-        return done[key]
+        def generate(job_input: dict) -> tuple[bytes, bytes]:
+            async def items() -> list[dict]:
+                return [item async for item in service.handle({"id": f"job-{len(done)}", "input": job_input})]
 
-    def generate(job_input: dict) -> tuple[bytes, bytes]:
-        async def items() -> list[dict]:
-            return [item async for item in service.handle({"id": f"job-{len(os.listdir(output))}",
-                                                            "input": job_input})]
+            collected = asyncio.run(items())
+            result = collected[-1]
+            assert result.get("type") == "result", result
+            pcm = b"".join(base64.b64decode(i["audio_base64"]) for i in collected if i["type"] == "audio")
+            stored = moto.client().get_object(Bucket=result["bucket"], Key=result["key"])
+            audio_format = FORMATS[job_input.get("output", {}).get("format", "wav")]
+            assert result["key"].endswith(audio_format.extension)
+            assert stored["ContentType"] == audio_format.content_type
+            return pcm, stored["Body"].read()
 
-        collected = asyncio.run(items())
-        assert "error" not in collected[-1], collected[-1]
-        pcm = b"".join(base64.b64decode(i["audio_base64"]) for i in collected if i["type"] == "audio")
-        key = collected[-1]["key"]
-        return pcm, (output / key).read_bytes()
+        def run(job_input: dict) -> tuple[bytes, bytes]:
+            key = json.dumps(job_input, sort_keys=True)
+            if key not in done:
+                done[key] = generate(job_input)
+            return done[key]
 
-    yield run
-    service.scheduler.close()
+        yield run
+        service.scheduler.close()
 
 
 def speak(client: openai.OpenAI, path: Path, **fields) -> dict[str, str]:
@@ -215,10 +224,14 @@ def test_sse_events_carry_the_audio_then_usage_and_words(client: openai.OpenAI, 
 
 BAD_FIELDS = [
     ({"model": "tts-1"}, "model", '"dia2" or'),
+    ({"input": None}, "input", "required: the [S1]/[S2] dialogue script"),
     ({"input": ""}, "input", "must not be empty"),
     ({"input": 5}, "input", "must be a string"),
+    ({"model": ["dia2"]}, "model", '"dia2" or'),
     ({"voice": "nobody"}, "voice", "registered voices: narrator"),
+    ({"voice": {"name": "narrator"}}, "voice", "registered voices: narrator"),
     ({"response_format": "aac"}, "response_format", "wav, pcm, flac, mp3, opus"),
+    ({"response_format": ["wav"]}, "response_format", "wav, pcm, flac, mp3, opus"),
     ({"speed": 1.25}, "speed", "Dia2 speaks at its own pace"),
     ({"stream_format": "chunks"}, "stream_format", "audio or sse"),
     ({"seed": -1}, "seed", "must be an integer between 0 and"),
@@ -244,6 +257,14 @@ def test_every_bad_field_is_a_400_naming_it(fields: dict, param: str, fragment: 
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert error["message"].startswith(f"{param}: ") and fragment in error["message"], error["message"]
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b"{not json"])
+def test_a_body_that_is_not_a_json_object_is_a_400(body: bytes, server) -> None:
+    response = httpx.post(f"{server[0].url}/v1/audio/speech", content=body, timeout=TIMEOUT,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "the request body must be a JSON object"
 
 
 def test_the_openai_client_sees_the_400(client: openai.OpenAI) -> None:
