@@ -237,7 +237,7 @@ class SpeechApi:
 
         runner = service.runner
         try:
-            job, plan = await asyncio.to_thread(plan_job, service.scheduler.engine, speech.job, runner.limits)
+            _, plan = await asyncio.to_thread(plan_job, service.scheduler.engine, speech.job, runner.limits)
         except JobInputError as exc:
             param = "input" if exc.field == "text" else exc.field
             raise _invalid(param, str(exc).removeprefix(f"{exc.field}: ")) from None

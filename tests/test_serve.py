@@ -213,6 +213,7 @@ def test_sse_events_carry_the_audio_then_usage_and_words(client: openai.OpenAI, 
             events.append(json.loads(block.removeprefix("data: ")))
     deltas, done = events[:-1], events[-1]
     assert len(deltas) > 1 and {e["type"] for e in deltas} == {"speech.audio.delta"}
+    assert len(base64.b64decode(deltas[0]["audio"])) == 1920 * 2  # the first frame leaves on its own
     queue_pcm, _ = queue_job({"text": TEXT, **DIA2})
     assert b"".join(base64.b64decode(e["audio"]) for e in deltas) == queue_pcm
     assert done["type"] == "speech.audio.done"
