@@ -4,7 +4,7 @@ Input is always mono pcm_s16le at the model's rate. wav and pcm are written here
 go through libsndfile (the pinned soundfile wheel bundles it with FLAC, LAME, mpg123, Opus and Ogg), which
 writes each block of output as soon as its encoder produces it. A stream cannot go back, so what libsndfile
 rewrites on close (FLAC's STREAMINFO totals) is left as written at the start: "length unknown", as in any
-streamed FLAC. MP3 uses constant bitrate and no LAME tag in both modes, so a stored file is byte for byte
+streamed FLAC. Ogg Opus pages are cut every 80 ms instead of every second. MP3 uses constant bitrate and no LAME tag in both modes, so a stored file is byte for byte
 what a stream sends, and decoders, which cannot size a tagless VBR stream, read all of it.
 """
 
@@ -98,6 +98,8 @@ class StreamEncoder:
             file_format, subtype = self.format.soundfile
             self._file = sf.SoundFile(self._sink, "w", sample_rate, 1, subtype, format=file_format,
                                       **_ENCODER_OPTIONS.get(fmt, {}))
+            if fmt == "opus":
+                _set_ogg_page_latency(self._file, OGG_PAGE_LATENCY_MS)
 
     def write(self, pcm_s16le: bytes) -> bytes:
         import numpy as np
@@ -116,6 +118,19 @@ class StreamEncoder:
             return head
         self._file.close()
         return self._sink.take()
+
+
+OGG_PAGE_LATENCY_MS = 80.0
+"""An Ogg page leaves per frame or so (libsndfile's default holds a page for a second of audio)."""
+_SFC_SET_OGG_PAGE_LATENCY_MS = 0x1302
+"""libsndfile's command (sndfile.h, 1.1 and later) that the soundfile package does not name."""
+
+
+def _set_ogg_page_latency(file, milliseconds: float) -> None:
+    import soundfile as sf
+
+    value = sf._ffi.new("double *", milliseconds)
+    sf._snd.sf_command(file._file, _SFC_SET_OGG_PAGE_LATENCY_MS, value, sf._ffi.sizeof("double"))
 
 
 _ENCODER_OPTIONS = {"mp3": {"bitrate_mode": "CONSTANT", "compression_level": 0.5}}
