@@ -5,6 +5,9 @@
 #   docker build -t dia2-worker:demo --build-arg DEMO=1 .           # tiny random model, no download
 #   (gated or private repos: add --secret id=hf_token,env=HF_TOKEN)
 #
+# The command is the queue worker; SERVE_MODE=http makes it the OpenAI-compatible speech server for a
+# load-balancing endpoint (PORT, default 8000; /ping also on PORT_HEALTH when that differs).
+#
 # Layers, largest and least often changed first: the Python environment (torch with its CUDA libraries),
 # then the baked weights, then our code (small, changes most).
 
@@ -58,4 +61,5 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RUNPOD_LOG_LEVEL=INFO \
     OMP_WAIT_POLICY=PASSIVE
+EXPOSE 8000
 CMD ["python", "-u", "handler.py"]

@@ -4,6 +4,8 @@ The model is loaded and warmed once per container, on a background thread starte
 SDK is imported (the SDK's import alone takes about a second); jobs are parsed, validated and run by
 `dia2_worker` (see worker.py and runner.py). With DIA2_STARTUP_REPORT=path the process instead times
 one job and writes its start-up phases there (python -m dia2_worker.coldstart drives this).
+With SERVE_MODE=http the process is the OpenAI-compatible speech server instead (python -m dia2_worker.serve),
+for RunPod load-balancing endpoints; its web stack is imported only then.
 """
 
 import os
@@ -15,6 +17,14 @@ with PHASES.phase("import dia2_worker.worker"):
 
 
 def main() -> None:
+    mode = os.environ.get("SERVE_MODE", "").strip().lower() or "queue"
+    if mode == "http":
+        from dia2_worker.serve import main as serve
+
+        serve([])
+        return
+    if mode != "queue":
+        raise SystemExit(f"error: SERVE_MODE: must be queue (the default) or http, got {mode!r}")
     loading = start_loading()
     with PHASES.phase("import runpod"):
         import runpod

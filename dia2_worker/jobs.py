@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .encoders import FILE_FORMATS
 from .env import FALSE, TRUE, Range, WorkerConfigError, env_number
 from .params import JOB_PARAMS
 
@@ -304,8 +305,8 @@ def _refuse_control_chars(text: str, field: str) -> None:
 def _output(value: object, field: str) -> OutputSpec:
     output = _object(value, field, _OUTPUT_FIELDS)
     file_format = output.optional("format", "wav", _string)
-    if file_format != "wav":
-        raise JobInputError(output.field("format"), f'must be "wav" (the only format), got {_show(file_format)}')
+    if file_format not in FILE_FORMATS:
+        raise JobInputError(output.field("format"), f"must be one of {', '.join(FILE_FORMATS)}, got {_show(file_format)}")
     return OutputSpec(
         format=file_format,
         key_prefix=output.optional("key_prefix", None, _key_prefix),

@@ -1,4 +1,4 @@
-"""One job end to end: validated input -> generation on the scheduler -> streamed chunks -> WAV in storage.
+"""One job end to end: validated input -> generation on the scheduler -> streamed chunks -> a file in storage.
 
 The runner is an async generator driven by the RunPod handler. The GPU work happens on the scheduler's
 thread; this side only awaits what it produced, so the event loop stays free for other jobs, stream
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from . import audio
+from .encoders import FORMATS, encode_file
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
 from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, parse_job,
                    progress_item, result_item, words_item)
@@ -53,6 +54,16 @@ def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:
                     for p in (job.prefix.speaker_1, job.prefix.speaker_2)]
         prefix = VoicePrefix(speeches[0], speeches[1], job.include_prefix)
     return GenerationRequest(job.text, params, prefix)
+
+
+def plan_job(engine, raw_input: object, limits: WorkerLimits) -> tuple[JobRequest, GenerationPlan]:
+    """Validate a job input and plan its generation (blocks: call from a thread); every refusal is a
+    JobInputError naming the job's field. The HTTP server takes this path too."""
+    job = parse_job(raw_input, limits)
+    try:
+        return job, engine.prepare(to_generation_request(job, engine.max_delay))
+    except GenerationParamError as exc:
+        raise JobInputError(*_job_error(exc).split(": ", 1)) from None
 
 
 class JobRunner:
@@ -105,35 +116,37 @@ class JobRunner:
         generate_ms = (time.monotonic() - (ticket.started_at or received_at)) * 1000
         for item in stream.finish():
             yield item
-        wav = audio.wav_bytes(bytes(stream.pcm), self.sample_rate)
+        data = encode_file(job.output.format, bytes(stream.pcm), self.sample_rate)
         duration_s = stream.samples / self.sample_rate
         metrics = JobMetrics(
             queue_ms=((ticket.started_at or received_at) - received_at) * 1000, ttfa_ms=ttfa_ms,
             generate_ms=generate_ms, rtf=generate_ms / 1000 / duration_s if duration_s else 0.0,
             frames=stream.frames,
         )
-        yield await asyncio.to_thread(self._store, job_id, job, wav, duration_s, stream.timestamps,
+        yield await asyncio.to_thread(self._store, job_id, job, data, duration_s, stream.timestamps,
                                       plan.params.seed, metrics)
 
-    def _store(self, job_id: str, job: JobRequest, wav: bytes, duration_s: float,
+    def _store(self, job_id: str, job: JobRequest, data: bytes, duration_s: float,
                timestamps: list[tuple[str, float]], seed: int, metrics: JobMetrics) -> dict:
         """Upload (after spooling to local disk when the storage is remote) and build the result, or the
         inline fallback, or the error that says where the audio is."""
-        key = self.storage.key_for(job_id, job.output.key_prefix)
+        audio_format = FORMATS[job.output.format]
+        key = self.storage.key_for(job_id, job.output.key_prefix, audio_format.extension)
         spool = None if isinstance(self.storage, LocalStorage) else self.settings.spool_dir / key
         if spool is not None:
             spool.parent.mkdir(parents=True, exist_ok=True)
-            spool.write_bytes(wav)
+            spool.write_bytes(data)
         fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in timestamps], seed=seed, metrics=metrics)
         try:
-            stored = self.storage.put(key, wav, presign_expiry_s=job.output.presign_expiry_s)
+            stored = self.storage.put(key, data, content_type=audio_format.content_type,
+                                      presign_expiry_s=job.output.presign_expiry_s)
         except StorageError as exc:
             log.error("%s", exc, extra={"job_id": job_id})
-            if len(wav) <= self.settings.inline_audio_max_bytes:
-                return result_item(audio_url=None, bucket=None, key=key, sha256=hashlib.sha256(wav).hexdigest(),
-                                   audio_base64=base64.b64encode(wav).decode("ascii"), **fields)
+            if len(data) <= self.settings.inline_audio_max_bytes:
+                return result_item(audio_url=None, bucket=None, key=key, sha256=hashlib.sha256(data).hexdigest(),
+                                   audio_base64=base64.b64encode(data).decode("ascii"), **fields)
             where = f"it was written to {spool} on the worker" if spool else "no copy could be written"
-            return {"error": f"the audio could not be stored ({exc}) and at {len(wav)} bytes it is larger than "
+            return {"error": f"the audio could not be stored ({exc}) and at {len(data)} bytes it is larger than "
                              f"the {self.settings.inline_audio_max_bytes}-byte inline limit "
                              f"(INLINE_AUDIO_MAX_BYTES); {where}"}
         if spool is not None:

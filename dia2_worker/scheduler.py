@@ -32,6 +32,9 @@ class Ticket:
     deadline: float | None = None  # on time.monotonic(), counted from submission
     cancelled: bool = False
     started_at: float | None = None
+    steps: int = 0  # frames stepped while it held a slot
+    released: threading.Event = field(default_factory=threading.Event)
+    """Set once the generation holds and awaits no slot any more (finished, failed, timed out or cancelled)."""
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed before the next frame. Safe from any thread."""
@@ -106,6 +109,7 @@ class Scheduler:
             if ticket.cancelled or ticket.expired(now):
                 self.runner.leave(slot)
                 del self._running[slot]
+                ticket.released.set()
                 if not ticket.cancelled:
                     ticket.deliver(JobTimeout("the job ran past its time limit"))
 
@@ -116,27 +120,35 @@ class Scheduler:
                     return
                 ticket = self._waiting.popleft()
             if ticket.cancelled:
+                ticket.released.set()
                 continue
             if ticket.expired(time.monotonic()):
+                ticket.released.set()
                 ticket.deliver(JobTimeout("the job's time limit passed while it waited for a slot"))
                 continue
             try:
                 ticket.started_at = time.monotonic()
                 slot, emitted = self.runner.join(ticket.plan)
             except Exception as exc:  # a bad request fails its own job only
+                ticket.released.set()
                 ticket.deliver(exc)
                 continue
-            if not emitted.finished:
+            if emitted.finished:
+                ticket.released.set()
+            else:
                 self._running[slot] = ticket
             ticket.deliver(emitted)
 
     def _step(self) -> None:
+        for ticket in self._running.values():
+            ticket.steps += 1
         try:
             outputs = self.runner.step()
         except Exception as exc:  # the step itself failed: every running job fails, the worker stays up
             log.exception("generation step failed")
             for slot, ticket in self._running.items():
                 self.runner.leave(slot)
+                ticket.released.set()
                 ticket.deliver(exc)
             self._running.clear()
             return
@@ -146,5 +158,6 @@ class Scheduler:
                 continue
             if emitted.finished:
                 del self._running[slot]
+                ticket.released.set()
             if not ticket.cancelled:
                 ticket.deliver(emitted)

@@ -324,8 +324,10 @@ def test_accepted_key_prefixes_make_valid_object_keys(value: str) -> None:
     assert storage.key_for("job-1", parse_job(with_field("output.key_prefix", value), DEFAULTS).output.key_prefix)
 
 
-def test_output_format_is_wav_only() -> None:
-    refused(with_field("output.format", "mp3"), "output.format", 'must be "wav"', '"mp3"')
+def test_output_formats() -> None:
+    for name in ("wav", "flac", "mp3", "opus"):
+        assert parse_job(with_field("output.format", name), DEFAULTS).output.format == name
+    refused(with_field("output.format", "pcm"), "output.format", "must be one of wav, flac, mp3, opus", '"pcm"')
     refused(with_field("output.format", 3), "output.format", "must be a string")
 
 
