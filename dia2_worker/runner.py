@@ -63,7 +63,7 @@ def plan_job(engine, raw_input: object, limits: WorkerLimits) -> tuple[JobReques
     try:
         return job, engine.prepare(to_generation_request(job, engine.max_delay))
     except GenerationParamError as exc:
-        raise JobInputError(*_job_error(exc).split(": ", 1)) from None
+        raise JobInputError(job_field(exc.param), exc.message) from None
 
 
 class JobRunner:
@@ -202,7 +202,7 @@ class _AudioStream:
 
 
 def _job_error(exc: GenerationParamError) -> str:
-    return f"{job_field(exc.param)}: {exc.message}"
+    return str(JobInputError(job_field(exc.param), exc.message))
 
 
 def _failure(exc: BaseException) -> str:
