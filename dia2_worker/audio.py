@@ -27,6 +27,27 @@ def read_audio(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     return samples, rate
 
 
+def wav_shortfall(data: bytes) -> tuple[int, int] | None:
+    """For a PCM WAV file whose data chunk is cut short: (frames its header states, frames it holds);
+    None for a complete WAV, a streamed one (size 0 or 0xFFFFFFFF) or anything that is not a WAV.
+    libsndfile silently reads such a file as the shorter audio."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    position, frame_bytes = 12, 0
+    while position + 8 <= len(data):
+        chunk, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
+        body = position + 8
+        if chunk == b"fmt " and size >= 16:
+            frame_bytes = int.from_bytes(data[body + 12:body + 14], "little")  # block align
+        elif chunk == b"data":
+            held = len(data) - body
+            if frame_bytes and 0 < size < 0xFFFFFFFF and size > held:
+                return size // frame_bytes, held // frame_bytes
+            return None
+        position = body + size + (size & 1)
+    return None
+
+
 def to_mono(samples: np.ndarray | torch.Tensor) -> torch.Tensor:
     """[N] or [N, channels] -> float32 [N], the mean of the channels."""
     wave = torch.as_tensor(samples, dtype=torch.float32)

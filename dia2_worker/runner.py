@@ -2,8 +2,12 @@
 
 The runner is an async generator driven by the RunPod handler. The GPU work happens on the scheduler's
 thread; this side only awaits what it produced, so the event loop stays free for other jobs, stream
-posts and stop signals. Finished audio is never dropped: the WAV is written to the spool directory
-before upload, and a failed upload falls back to inline audio or an error naming where it was written.
+posts and stop signals. Blocking work runs on three bounded pools of its own, so one kind cannot hold up
+the others: `audio_url` downloads, CPU planning (parsing, tokenising, the prefix's Mimi encode) and uploads.
+
+JOB_TIMEOUT_S counts from the job's arrival and bounds every phase: download, planning, the wait for a
+slot, generation and the upload. Finished audio is never dropped: a failed or late upload falls back to
+the WAV inline in the result when it fits, else to a copy in the spool directory that the error names.
 """
 
 from __future__ import annotations
@@ -14,21 +18,31 @@ import hashlib
 import logging
 import math
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from . import audio
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
-from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, parse_job,
-                   progress_item, result_item, words_item)
+from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, error_item,
+                   needs_download, parse_job, progress_item, result_item, words_item)
+from .params import MAX_SEED
 from .scheduler import Emitted, JobTimeout, Scheduler
-from .storage import LocalStorage, Storage, StorageError
+from .storage import Storage, StorageError, write_atomically
 
 log = logging.getLogger("dia2_worker.runner")
 
+T = TypeVar("T")
+
 # Engine parameter -> the job field a user sets it with, so errors name what the user sent.
 JOB_FIELDS = {"audio_temperature": "temperature", "audio_top_k": "top_k", "max_frames": "max_duration_s"}
+DOWNLOAD_THREADS = 8
+"""audio_url downloads at once; more wait their turn without holding up jobs that download nothing."""
+PLANNING_THREADS = 2
+"""Jobs parsed and planned at once (CPU work: base64 and audio decoding, tokenising, the Mimi encode)."""
+UPLOAD_THREADS = 8
+"""Uploads at once; each is bounded by UPLOAD_TIMEOUT_S and the job's deadline."""
 
 
 @dataclass(frozen=True)
@@ -36,18 +50,23 @@ class RunnerSettings:
     inline_audio_max_bytes: int = 8 * 1024 * 1024
     """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline (base64) when the upload fails for good."""
     spool_dir: Path = Path("output/spool")
-    """Every finished WAV is written here before upload; removed once the upload is verified."""
+    """Where a WAV too large to return inline is kept when the upload fails; the error names the file."""
     job_timeout_s: float | None = None
-    """JOB_TIMEOUT_S: a job not finished this long after it reached the worker (waiting for a slot included)
-    is stopped within one frame and fails."""
+    """JOB_TIMEOUT_S: a job not finished this long after it reached the worker (download, planning, the
+    wait for a slot, generation and upload included) fails; generation stops within one frame, and a
+    late upload falls back like a failed one."""
+    upload_timeout_s: float = 120.0
+    """UPLOAD_TIMEOUT_S: most time one job's upload may take, every retry included."""
 
 
-def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:
+def to_generation_request(job: JobRequest, max_delay: int, job_id: str) -> GenerationRequest:
     """Job fields -> engine request. max_duration_s bounds the output: frames run = output frames + the
-    delay tail (the last codebooks of a frame arrive max_delay - 1 steps after its first)."""
+    delay tail (the last codebooks of a frame arrive max_delay - 1 steps after its first). Without a seed
+    the job id picks one, so a retried job reproduces the audio its earlier URLs point to."""
     params = GenerationParams(
         text_temperature=job.text_temperature, text_top_k=job.text_top_k, audio_temperature=job.temperature,
-        audio_top_k=job.top_k, cfg_scale=job.cfg_scale, cfg_filter_k=job.cfg_filter_k, seed=job.seed,
+        audio_top_k=job.top_k, cfg_scale=job.cfg_scale, cfg_filter_k=job.cfg_filter_k,
+        seed=seed_for(job_id) if job.seed is None else job.seed,
         max_frames=math.ceil(job.max_duration_s * 1000 / FRAME_MS) + max_delay - 1,
     )
     prefix = None
@@ -58,34 +77,60 @@ def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:
     return GenerationRequest(job.text, params, prefix)
 
 
+def seed_for(job_id: str) -> int:
+    """A seed that depends on the job id only."""
+    return int.from_bytes(hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).digest()[:8], "big") & MAX_SEED
+
+
+class _Late(Exception):
+    """The job's deadline passed during a phase; the message names the phase."""
+
+
 class JobRunner:
     def __init__(self, scheduler: Scheduler, storage: Storage, limits: WorkerLimits,
                  settings: RunnerSettings) -> None:
         self.scheduler, self.storage, self.limits, self.settings = scheduler, storage, limits, settings
         self.sample_rate = scheduler.engine.codec.sample_rate
+        self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="dia2-download")
+        self.planning = ThreadPoolExecutor(PLANNING_THREADS, thread_name_prefix="dia2-plan")
+        self.uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dia2-upload")
 
     async def run(self, job_id: str, raw_input: object, received_at: float | None = None) -> AsyncIterator[dict]:
         """Yield the job's stream items; a failed job ends with one {"error": ...} item."""
         received_at = time.monotonic() if received_at is None else received_at
+        deadline = None if self.settings.job_timeout_s is None else received_at + self.settings.job_timeout_s
         engine = self.scheduler.engine
         try:
-            job = await asyncio.to_thread(parse_job, raw_input, self.limits)
+            # A job that downloads nothing never waits behind downloads; one that does, downloads last.
+            pool = self.downloads if needs_download(raw_input) else self.planning
+            job = await self._before(deadline, "reading the input", pool, parse_job, raw_input, self.limits)
             # Planning (tokenising, the voice prefix's Mimi encode) happens here, off the scheduler's thread.
-            plan = await asyncio.to_thread(engine.prepare, to_generation_request(job, engine.max_delay))
+            request = to_generation_request(job, engine.max_delay, job_id)
+            plan = await self._before(deadline, "planning", self.planning, engine.prepare, request)
         except JobInputError as exc:
-            yield {"error": str(exc)}
+            yield error_item(str(exc))
             return
         except GenerationParamError as exc:
-            yield {"error": _job_error(exc)}
+            yield error_item(_job_error(exc))
             return
-        async for item in self._generate(job_id, job, plan, received_at):
+        except _Late as exc:
+            yield error_item(f"timeout: the job's time limit passed while {exc} (JOB_TIMEOUT_S)")
+            return
+        async for item in self._generate(job_id, job, plan, received_at, deadline):
             yield item
 
+    async def _before(self, deadline: float | None, phase: str, pool: Executor, call, *args) -> T:
+        """`call(*args)` on `pool`, given up (left to finish on its own) once the job's deadline passes."""
+        future = asyncio.wrap_future(pool.submit(call, *args))
+        try:
+            return await _until(deadline, future)
+        except TimeoutError:
+            raise _Late(phase) from None
+
     async def _generate(self, job_id: str, job: JobRequest, plan: GenerationPlan,
-                        received_at: float) -> AsyncIterator[dict]:
+                        received_at: float, deadline: float | None) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        deadline = None if self.settings.job_timeout_s is None else time.monotonic() + self.settings.job_timeout_s
         ticket = self.scheduler.submit(plan, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
                                        deadline)
         stream = _AudioStream(job, self.sample_rate)
@@ -94,7 +139,7 @@ class JobRunner:
             while True:
                 out = await outputs.get()
                 if isinstance(out, BaseException):
-                    yield {"error": _failure(out)}
+                    yield error_item(_failure(out, job_id))
                     return
                 items = stream.add(out)
                 if ttfa_ms is None and stream.samples:
@@ -115,34 +160,64 @@ class JobRunner:
             generate_ms=generate_ms, rtf=generate_ms / 1000 / duration_s if duration_s else 0.0,
             frames=stream.frames,
         )
-        yield await asyncio.to_thread(self._store, job_id, job, wav, duration_s, stream.timestamps,
-                                      plan.params.seed, metrics)
+        fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in stream.timestamps],
+                      seed=plan.params.seed, metrics=metrics)
+        yield await self.keep(job_id, job, wav, fields, deadline)
 
-    def _store(self, job_id: str, job: JobRequest, wav: bytes, duration_s: float,
-               timestamps: list[tuple[str, float]], seed: int, metrics: JobMetrics) -> dict:
-        """Upload (after spooling to local disk when the storage is remote) and build the result, or the
-        inline fallback, or the error that says where the audio is."""
-        key = self.storage.key_for(job_id, job.output.key_prefix)
-        spool = None if isinstance(self.storage, LocalStorage) else self.settings.spool_dir / key
-        if spool is not None:
-            spool.parent.mkdir(parents=True, exist_ok=True)
-            spool.write_bytes(wav)
-        fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in timestamps], seed=seed, metrics=metrics)
+    async def keep(self, job_id: str, job: JobRequest, wav: bytes, fields: dict, deadline: float | None) -> dict:
+        """The result with the stored WAV's URL; when the upload fails or runs out of time, the result with
+        the WAV inline if it fits, else an error naming the spool file that holds it. Never raises."""
+        tag = {"job_id": job_id}
         try:
-            stored = self.storage.put(key, wav, presign_expiry_s=job.output.presign_expiry_s)
-        except StorageError as exc:
-            log.error("%s", exc, extra={"job_id": job_id})
-            if len(wav) <= self.settings.inline_audio_max_bytes:
-                return result_item(audio_url=None, bucket=None, key=key, sha256=hashlib.sha256(wav).hexdigest(),
-                                   audio_base64=base64.b64encode(wav).decode("ascii"), **fields)
-            where = f"it was written to {spool} on the worker" if spool else "no copy could be written"
-            return {"error": f"the audio could not be stored ({exc}) and at {len(wav)} bytes it is larger than "
-                             f"the {self.settings.inline_audio_max_bytes}-byte inline limit "
-                             f"(INLINE_AUDIO_MAX_BYTES); {where}"}
-        if spool is not None:
-            spool.unlink(missing_ok=True)
-        return result_item(audio_url=stored.url, bucket=stored.bucket, key=stored.key, sha256=stored.sha256,
-                           **fields)
+            key = self.storage.key_for(job_id, job.output.key_prefix)
+        except ValueError:
+            log.exception("no object key for this job", extra=tag)
+            key = None
+        why = "no object key could be made"
+        if key is not None:
+            budget = self.settings.upload_timeout_s
+            limit = "UPLOAD_TIMEOUT_S"
+            if deadline is not None and deadline - time.monotonic() < budget:
+                budget, limit = max(0.0, deadline - time.monotonic()), "JOB_TIMEOUT_S"
+            put = self.uploads.submit(self.storage.put, key, wav, presign_expiry_s=job.output.presign_expiry_s,
+                                      deadline=time.monotonic() + budget)
+            try:
+                stored = await asyncio.wait_for(asyncio.wrap_future(put), budget)
+            except StorageError as exc:
+                log.error("%s", exc, extra=tag)
+                why = f"the upload failed after {exc.attempts} attempt{'s' * (exc.attempts > 1)}"
+            except TimeoutError:
+                log.error("upload of %s not finished within %g s (%s)", key, budget, limit, extra=tag)
+                why = f"the upload did not finish in time ({limit})"
+            except Exception:
+                log.exception("upload of %s failed", key, extra=tag)
+                why = "the upload failed"
+            else:
+                return result_item(audio_url=stored.url, bucket=stored.bucket, key=stored.key, sha256=stored.sha256,
+                                   **fields)
+        sha256 = hashlib.sha256(wav).hexdigest()
+        if len(wav) <= self.settings.inline_audio_max_bytes:
+            log.warning("%s; the audio is returned inline", why, extra=tag)
+            return result_item(audio_url=None, bucket=None, key=None, sha256=sha256, storage_error=why,
+                               audio_base64=base64.b64encode(wav).decode("ascii"), **fields)
+        too_large = (f"{why}, and at {len(wav)} bytes the audio is larger than the "
+                     f"{self.settings.inline_audio_max_bytes}-byte inline limit (INLINE_AUDIO_MAX_BYTES)")
+        spool = self.settings.spool_dir.joinpath(*(key or f"{sha256}.wav").split("/"))
+        try:
+            await asyncio.to_thread(write_atomically, spool, wav)
+        except Exception:
+            log.exception("spool copy %s could not be written", spool, extra=tag)
+            return error_item(f"{too_large}; no copy could be kept on the worker either, so the audio "
+                              f"(sha256 {sha256}) is lost")
+        log.warning("%s; the audio was written to %s", too_large, spool, extra=tag)
+        return error_item(f"{too_large}; it was written to {spool} on the worker (sha256 {sha256})")
+
+
+async def _until(deadline: float | None, awaitable: Awaitable[T]) -> T:
+    """Await, raising TimeoutError once `deadline` (time.monotonic()) has passed."""
+    if deadline is None:
+        return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
 
 
 class _AudioStream:
@@ -196,10 +271,11 @@ def _job_error(exc: GenerationParamError) -> str:
     return f"{field}: {str(exc).split(': ', 1)[1]}"
 
 
-def _failure(exc: BaseException) -> str:
+def _failure(exc: BaseException, job_id: str) -> str:
+    """What the client is told about a failed generation; the details go to the worker's log."""
     if isinstance(exc, GenerationParamError):
         return _job_error(exc)
     if isinstance(exc, JobTimeout):
         return f"timeout: {exc} (JOB_TIMEOUT_S)"
-    log.error("generation failed", exc_info=exc)
-    return f"generation failed: {type(exc).__name__}: {exc}"
+    log.error("generation failed", exc_info=exc, extra={"job_id": job_id})
+    return f"generation failed on the worker (logged under job id {job_id})"
