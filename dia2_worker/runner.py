@@ -57,6 +57,8 @@ class RunnerSettings:
     late upload falls back like a failed one."""
     upload_timeout_s: float = 120.0
     """UPLOAD_TIMEOUT_S: most time one job's upload may take, every retry included."""
+    spool_max_bytes: int = 2 * 1024**3
+    """SPOOL_MAX_BYTES: most disk the spool takes; the oldest copies go first."""
 
 
 def to_generation_request(job: JobRequest, max_delay: int, job_id: str) -> GenerationRequest:
@@ -93,7 +95,7 @@ class JobRunner:
         self.sample_rate = scheduler.engine.codec.sample_rate
         self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="dia2-download")
         self.planning = ThreadPoolExecutor(PLANNING_THREADS, thread_name_prefix="dia2-plan")
-        self.uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dia2-upload")
+        self.keeper = Keeper(storage, settings)
 
     async def run(self, job_id: str, raw_input: object, received_at: float | None = None) -> AsyncIterator[dict]:
         """Yield the job's stream items; a failed job ends with one {"error": ...} item."""
@@ -137,7 +139,11 @@ class JobRunner:
         ttfa_ms = None
         try:
             while True:
-                out = await outputs.get()
+                try:
+                    out = await _until(deadline, outputs.get())
+                except TimeoutError:  # the scheduler only looks at a waiting job's deadline when a slot frees
+                    phase = "generating" if ticket.started_at is not None else "it waited for a slot"
+                    out = JobTimeout(f"the job's time limit passed while {phase}")
                 if isinstance(out, BaseException):
                     yield error_item(_failure(out, job_id))
                     return
@@ -162,7 +168,15 @@ class JobRunner:
         )
         fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in stream.timestamps],
                       seed=plan.params.seed, metrics=metrics)
-        yield await self.keep(job_id, job, wav, fields, deadline)
+        yield await self.keeper.keep(job_id, job, wav, fields, deadline)
+
+class Keeper:
+    """Puts finished audio where the client can get it: the storage, else inline in the result, else the
+    spool directory, named in the error. Uploads run on a bounded pool of their own."""
+
+    def __init__(self, storage: Storage, settings: RunnerSettings) -> None:
+        self.storage, self.settings = storage, settings
+        self.uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dia2-upload")
 
     async def keep(self, job_id: str, job: JobRequest, wav: bytes, fields: dict, deadline: float | None) -> dict:
         """The result with the stored WAV's URL; when the upload fails or runs out of time, the result with
@@ -174,11 +188,12 @@ class JobRunner:
             log.exception("no object key for this job", extra=tag)
             key = None
         why = "no object key could be made"
+        budget, limit = self.settings.upload_timeout_s, "UPLOAD_TIMEOUT_S"
+        if deadline is not None and deadline - time.monotonic() < budget:
+            budget, limit = deadline - time.monotonic(), "JOB_TIMEOUT_S"
+        if budget <= 0:
+            why, key = "the job's time limit passed before the upload (JOB_TIMEOUT_S)", None
         if key is not None:
-            budget = self.settings.upload_timeout_s
-            limit = "UPLOAD_TIMEOUT_S"
-            if deadline is not None and deadline - time.monotonic() < budget:
-                budget, limit = max(0.0, deadline - time.monotonic()), "JOB_TIMEOUT_S"
             put = self.uploads.submit(self.storage.put, key, wav, presign_expiry_s=job.output.presign_expiry_s,
                                       deadline=time.monotonic() + budget)
             try:
@@ -204,13 +219,28 @@ class JobRunner:
                      f"{self.settings.inline_audio_max_bytes}-byte inline limit (INLINE_AUDIO_MAX_BYTES)")
         spool = self.settings.spool_dir.joinpath(*(key or f"{sha256}.wav").split("/"))
         try:
-            await asyncio.to_thread(write_atomically, spool, wav)
+            await asyncio.to_thread(self._spool, spool, wav)
         except Exception:
             log.exception("spool copy %s could not be written", spool, extra=tag)
             return error_item(f"{too_large}; no copy could be kept on the worker either, so the audio "
                               f"(sha256 {sha256}) is lost")
         log.warning("%s; the audio was written to %s", too_large, spool, extra=tag)
         return error_item(f"{too_large}; it was written to {spool} on the worker (sha256 {sha256})")
+
+    def _spool(self, path: Path, wav: bytes) -> None:
+        """Write the spool copy, first deleting the oldest ones so the spool stays within SPOOL_MAX_BYTES."""
+        root = self.settings.spool_dir
+        kept = [(f.stat(), f) for f in root.rglob("*.wav")] if root.is_dir() else []
+        total = len(wav) + sum(stat.st_size for stat, _ in kept)
+        for stat, old in sorted(kept, key=lambda item: item[0].st_mtime):
+            if total <= self.settings.spool_max_bytes:
+                break
+            old.unlink(missing_ok=True)
+            log.warning("spool over SPOOL_MAX_BYTES: deleted its oldest copy, %s", old)
+            total -= stat.st_size
+        if total > self.settings.spool_max_bytes:
+            raise OSError(f"{len(wav)} bytes do not fit the {self.settings.spool_max_bytes}-byte spool")
+        write_atomically(path, wav)
 
 
 async def _until(deadline: float | None, awaitable: Awaitable[T]) -> T:

@@ -48,6 +48,10 @@ class WorkerSettings:
     """JOB_TIMEOUT_S: stop a job not finished this long after it arrived, queueing included (default: none)."""
     inline_audio_max_bytes: int
     """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline when the upload fails for good (8 MiB)."""
+    upload_timeout_s: float
+    """UPLOAD_TIMEOUT_S: most time one job's upload may take, retries included (120 s)."""
+    spool_max_bytes: int
+    """SPOOL_MAX_BYTES: most disk the spool of un-uploadable WAVs takes, oldest deleted first (2 GiB)."""
     log_level: str
     """LOG_LEVEL: DEBUG, INFO (default), WARNING, ERROR."""
 
@@ -71,6 +75,8 @@ class WorkerSettings:
             job_timeout_s=env_number(env, "JOB_TIMEOUT_S", float, Range(1.0, 86400.0), None),
             inline_audio_max_bytes=env_number(env, "INLINE_AUDIO_MAX_BYTES", int, Range(0, 64 * 1024 * 1024),
                                               8 * 1024 * 1024),
+            upload_timeout_s=env_number(env, "UPLOAD_TIMEOUT_S", float, Range(1.0, 3600.0), 120.0),
+            spool_max_bytes=env_number(env, "SPOOL_MAX_BYTES", int, Range(0), 2 * 1024**3),
             log_level=log_level,
         )
 
@@ -157,12 +163,15 @@ class WorkerService:
             inline_audio_max_bytes=settings.inline_audio_max_bytes,
             spool_dir=storage_settings.output_dir / "spool",
             job_timeout_s=settings.job_timeout_s,
+            upload_timeout_s=settings.upload_timeout_s,
+            spool_max_bytes=settings.spool_max_bytes,
         ))
         service = cls(settings, runner, scheduler)
         if options.warm_up:
             with PHASES.phase("warm-up"):
                 service.warm_up()
-        log.info("ready in %.2f s: %s on %s (%s), %d slots, concurrency %d", time.monotonic() - started,
+        log.info("ready %.2f s after the process started (loading took %.2f s): %s on %s (%s), %d slots, "
+                 "concurrency %d", PHASES.now(), time.monotonic() - started,
                  settings.model_dir, settings.device, settings.dtype, slots, service.max_concurrency)
         return service
 
