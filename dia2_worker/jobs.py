@@ -451,8 +451,7 @@ def _decode_audio(data: bytes, field: str, max_duration_s: float) -> tuple[np.nd
     """Decode an audio file (WAV, FLAC, OGG, MP3: what libsndfile reads) to float32 [frames, channels].
 
     The length, rate and channels are checked from the header before the samples are read, so
-    a small compressed file cannot expand into gigabytes; a file that does not state its length is
-    read no further than the limit.
+    a small compressed file cannot expand into gigabytes.
     """
     import numpy as np
     import soundfile as sf
@@ -466,16 +465,17 @@ def _decode_audio(data: bytes, field: str, max_duration_s: float) -> tuple[np.nd
                 raise JobInputError(field, f"sample rate must be {_SAMPLE_RATE.describe()} Hz, got {sample_rate}")
             if channels > MAX_PREFIX_CHANNELS:
                 raise JobInputError(field, f"must have at most {MAX_PREFIX_CHANNELS} channels, got {channels}")
-            max_frames = math.floor(max_duration_s * sample_rate)
-            too_long = f"must be at most {max_duration_s:g} s of audio"
-            if UNKNOWN_FRAMES > frames > max_frames:
-                raise JobInputError(field, f"{too_long}, got {frames / sample_rate:.2f} s")
-            samples = audio.read(min(frames, max_frames + 1), dtype="float32", always_2d=True)
+            if frames >= UNKNOWN_FRAMES:
+                raise JobInputError(field, "does not state its length (a streamed FLAC?), which libsndfile cannot "
+                                           "read reliably; re-encode it as a complete file")
+            if frames > max_duration_s * sample_rate:
+                raise JobInputError(
+                    field, f"must be at most {max_duration_s:g} s of audio, got {frames / sample_rate:.2f} s"
+                )
+            samples = audio.read(dtype="float32", always_2d=True)
     except sf.SoundFileError as error:
         reason = getattr(error, "error_string", "") or "unknown format"
         raise JobInputError(field, f"is not a readable audio file (WAV, FLAC, OGG or MP3): {reason}") from None
-    if samples.shape[0] > max_frames:  # a stream without a stated length
-        raise JobInputError(field, f"{too_long}, got more")
     if samples.shape[0] == 0:
         raise JobInputError(field, "contains no audio samples")
     shortfall = wav_shortfall(data)
