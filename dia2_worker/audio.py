@@ -19,11 +19,17 @@ SAMPLE_RATE = 24_000
 
 
 def read_audio(source: str | Path | bytes) -> tuple[np.ndarray, int]:
-    """An audio file (a path, or its bytes; whatever libsndfile reads) -> float32 [N, channels], sample rate."""
+    """An audio file (a path, or its bytes; whatever libsndfile reads) -> float32 [N, channels], sample rate.
+    A WAV file cut short (its header promises more than it holds) raises ValueError."""
     import soundfile as sf
 
-    samples, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
-                            always_2d=True)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    shortfall = wav_shortfall(data)
+    if shortfall is not None:
+        name = "audio" if isinstance(source, bytes) else str(source)
+        raise ValueError(f"{name} is a truncated WAV file: its header says {shortfall[0]} frames but the file holds "
+                         f"{shortfall[1]}")
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return samples, rate
 
 

@@ -57,7 +57,16 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
+        """The settings, each variable checked: a mistake raises WorkerConfigError naming the variable."""
+        from . import cli
+
         device = env.get("DEVICE") or _default_device()
+        model_dir = Path(env.get("MODEL_DIR") or "/models/dia2")
+        try:
+            cli.device(device, "DEVICE")
+            cli.model_dir(model_dir, "MODEL_DIR")
+        except cli.UsageError as exc:
+            raise WorkerConfigError(str(exc)) from None
         dtype = env.get("DTYPE") or ("bfloat16" if device.startswith("cuda") else "float32")
         if dtype not in ("float32", "bfloat16"):
             raise WorkerConfigError(f"DTYPE: must be float32 or bfloat16, got {dtype!r}")
@@ -65,7 +74,7 @@ class WorkerSettings:
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise WorkerConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
         return cls(
-            model_dir=Path(env.get("MODEL_DIR") or "/models/dia2"),
+            model_dir=model_dir,
             device=device,
             dtype=dtype,
             slots=env_number(env, "SLOTS", int, Range(1, 1024), None),
