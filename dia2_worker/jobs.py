@@ -480,8 +480,8 @@ def _decode_audio(data: bytes, field: str, max_duration_s: float) -> tuple[np.nd
         raise JobInputError(field, "contains no audio samples")
     shortfall = wav_shortfall(data)
     if shortfall is not None:
-        raise JobInputError(field, f"is a truncated WAV file: its header says {shortfall[0] / sample_rate:.2f} s "
-                                   f"but the file holds {shortfall[1] / sample_rate:.2f} s")
+        raise JobInputError(field, f"is a truncated WAV file: its header says {shortfall[0]:.2f} s "
+                                   f"but the file holds {shortfall[1]:.2f} s")
     if not np.isfinite(samples).all():
         raise JobInputError(field, "contains samples that are NaN or infinite")
     return samples, sample_rate
