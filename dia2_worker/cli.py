@@ -96,11 +96,14 @@ def device(name: str, flag: str) -> str:
     import torch
 
     try:
-        kind = torch.device(name).type
+        chosen = torch.device(name)
     except RuntimeError:
         raise UsageError(f"{flag}: unknown device {name!r}; use cpu or cuda (cuda:N for one GPU)") from None
+    kind = chosen.type
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{flag}: {name!r} but CUDA is not available on this machine; use cpu")
+    if kind == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"{flag}: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if kind not in ("cpu", "cuda"):
         raise UsageError(f"{flag}: {name!r} is not supported; use cpu or cuda")
     return name
