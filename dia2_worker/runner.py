@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import math
 import time
@@ -59,6 +60,10 @@ class RunnerSettings:
     """UPLOAD_TIMEOUT_S: most time one job's upload may take, every retry included."""
     spool_max_bytes: int = 2 * 1024**3
     """SPOOL_MAX_BYTES: most disk the spool takes; the oldest copies go first."""
+    max_output_bytes: int = 10 * 1000 * 1000
+    """A job's final output (return_aggregate_stream repeats every stream item in it, then the result) stays
+    within this: RunPod documents 10 MB for a /run payload and 20 MB for /runsync. Streamed audio of the
+    longest job (120 s, ~7.7 MB in base64) fits; an inline WAV that would not fit is spooled instead."""
 
 
 def to_generation_request(job: JobRequest, max_delay: int, job_id: str) -> GenerationRequest:
@@ -137,6 +142,7 @@ class JobRunner:
                                        deadline)
         stream = _AudioStream(job, self.sample_rate)
         ttfa_ms = None
+        output_bytes = 0  # of the aggregated output so far
         try:
             while True:
                 try:
@@ -151,6 +157,7 @@ class JobRunner:
                 if ttfa_ms is None and stream.samples:
                     ttfa_ms = (time.monotonic() - received_at) * 1000
                 for item in items:
+                    output_bytes += _json_size(item)
                     yield item
                 if out.finished:
                     break
@@ -158,6 +165,7 @@ class JobRunner:
             ticket.cancel()  # no-op once finished; frees the slot if the job was cancelled or failed here
         generate_ms = (time.monotonic() - (ticket.started_at or received_at)) * 1000
         for item in stream.finish():
+            output_bytes += _json_size(item)
             yield item
         wav = audio.wav_bytes(bytes(stream.pcm), self.sample_rate)
         duration_s = stream.samples / self.sample_rate
@@ -168,7 +176,8 @@ class JobRunner:
         )
         fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in stream.timestamps],
                       seed=plan.params.seed, metrics=metrics)
-        yield await self.keeper.keep(job_id, job, wav, fields, deadline)
+        yield await self.keeper.keep(job_id, job, wav, fields, deadline,
+                                     room=self.settings.max_output_bytes - output_bytes)
 
 class Keeper:
     """Puts finished audio where the client can get it: the storage, else inline in the result, else the
@@ -178,9 +187,11 @@ class Keeper:
         self.storage, self.settings = storage, settings
         self.uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dia2-upload")
 
-    async def keep(self, job_id: str, job: JobRequest, wav: bytes, fields: dict, deadline: float | None) -> dict:
+    async def keep(self, job_id: str, job: JobRequest, wav: bytes, fields: dict, deadline: float | None,
+                   room: int | None = None) -> dict:
         """The result with the stored WAV's URL; when the upload fails or runs out of time, the result with
-        the WAV inline if it fits, else an error naming the spool file that holds it. Never raises."""
+        the WAV inline if it fits (INLINE_AUDIO_MAX_BYTES, and `room`: bytes the job's output may still
+        grow by), else an error naming the spool file that holds it. Never raises."""
         tag = {"job_id": job_id}
         try:
             key = self.storage.key_for(job_id, job.output.key_prefix)
@@ -211,12 +222,16 @@ class Keeper:
                 return result_item(audio_url=stored.url, bucket=stored.bucket, key=stored.key, sha256=stored.sha256,
                                    **fields)
         sha256 = hashlib.sha256(wav).hexdigest()
-        if len(wav) <= self.settings.inline_audio_max_bytes:
+        inline = result_item(audio_url=None, bucket=None, key=None, sha256=sha256, storage_error=why,
+                             audio_base64=base64.b64encode(wav).decode("ascii"), **fields)
+        fits = room is None or _json_size(inline) <= room
+        if len(wav) <= self.settings.inline_audio_max_bytes and fits:
             log.warning("%s; the audio is returned inline", why, extra=tag)
-            return result_item(audio_url=None, bucket=None, key=None, sha256=sha256, storage_error=why,
-                               audio_base64=base64.b64encode(wav).decode("ascii"), **fields)
-        too_large = (f"{why}, and at {len(wav)} bytes the audio is larger than the "
-                     f"{self.settings.inline_audio_max_bytes}-byte inline limit (INLINE_AUDIO_MAX_BYTES)")
+            return inline
+        limit = (f"the {self.settings.inline_audio_max_bytes}-byte inline limit (INLINE_AUDIO_MAX_BYTES)" if fits else
+                 f"the room left in the job's output (at most {self.settings.max_output_bytes} bytes, RunPod's "
+                 "payload limit, and the streamed audio is already in it)")
+        too_large = f"{why}, and at {len(wav)} bytes the audio is larger than {limit}"
         spool = self.settings.spool_dir.joinpath(*(key or f"{sha256}.wav").split("/"))
         try:
             await asyncio.to_thread(self._spool, spool, wav)
@@ -241,6 +256,10 @@ class Keeper:
         if total > self.settings.spool_max_bytes:
             raise OSError(f"{len(wav)} bytes do not fit the {self.settings.spool_max_bytes}-byte spool")
         write_atomically(path, wav)
+
+
+def _json_size(item: dict) -> int:
+    return len(json.dumps(item))
 
 
 async def _until(deadline: float | None, awaitable: Awaitable[T]) -> T:

@@ -297,3 +297,23 @@ def test_a_retried_job_without_a_seed_repeats_its_audio(scheduler: Scheduler, tm
     assert first["seed"] == retry["seed"] == seed_for("job-a") and first["sha256"] == retry["sha256"]
     assert other["seed"] == seed_for("job-b") != first["seed"]
     assert seed_for("job-a") == int(hashlib.sha256(b"job-a").hexdigest()[:16], 16) & (2**63 - 1)
+
+
+# --- the aggregated output stays within RunPod's payload limit ---------------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_inline_audio_only_when_the_whole_output_fits(scheduler: Scheduler, s3, proxy: FaultProxy, tmp_path: Path,
+                                                      stream: bool) -> None:
+    """return_aggregate_stream repeats every stream item in the final output: streamed audio plus the same
+    audio inline would pass the limit, so it is spooled; without streamed audio it goes inline."""
+    proxy.inject(Fault("error", status=403, code="AccessDenied", times=100))
+    limit = 150_000  # this job streams ~90 kB of JSON; its WAV inline adds ~87 kB
+    runner = JobRunner(scheduler, s3(), WorkerLimits(), RunnerSettings(spool_dir=tmp_path, max_output_bytes=limit))
+    items = collect(runner, "job-1", {**JOB, "stream": stream, "chunk_ms": 80})
+    assert sum(len(json.dumps(item)) for item in items) <= limit
+    if stream:
+        assert "the room left in the job's output (at most 150000 bytes" in items[-1]["error"]
+        assert [p.name for p in spooled(tmp_path)] == ["job-1.wav"]
+    else:
+        assert items[-1]["type"] == "result" and items[-1]["audio_base64"]
