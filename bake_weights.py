@@ -96,6 +96,10 @@ def fetch(spec: str, revision: str | None, files: Sequence[str]) -> Source:
     from huggingface_hub.errors import HFValidationError
 
     log(f"downloading {', '.join(files)} from {spec}" + (f" at {revision}" if revision else ""))
+    if not sys.stderr.isatty():  # progress bars on a terminal; an image build's log gets the lines above only
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     try:
         snapshot = Path(snapshot_download(spec, revision=revision, allow_patterns=list(files)))
     except HFValidationError as exc:
