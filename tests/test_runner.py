@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dia2_worker.jobs import JobMetrics, WorkerLimits, parse_job
-from dia2_worker.runner import JobRunner, Keeper, RunnerSettings, seed_for
+from dia2_worker.runner import PLANNING_THREADS, JobRunner, Keeper, RunnerSettings, seed_for
 from dia2_worker.scheduler import Scheduler
 from dia2_worker.storage import LocalStorage, StorageSettings, make_storage
 from s3_server import Fault, FaultProxy, MotoServer, bucket_env
@@ -200,6 +200,20 @@ def test_the_time_limit_covers_the_download(scheduler: Scheduler, held: HeldAudi
                        RunnerSettings(job_timeout_s=0.5))
     assert collect(runner, "slow", url_job(tiny_dir, held.url)) == [
         {"error": "timeout: the job's time limit passed while reading the input (JOB_TIMEOUT_S)"}]
+
+
+def test_the_time_limit_covers_waiting_for_planning(scheduler: Scheduler, tmp_path: Path) -> None:
+    """Planning threads all busy (long prefix encodes, say): the job's clock runs while it waits for one."""
+    runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), WorkerLimits(),
+                       RunnerSettings(job_timeout_s=0.3))
+    busy = threading.Event()
+    blockers = [runner.planning.submit(busy.wait) for _ in range(PLANNING_THREADS)]
+    try:
+        assert collect(runner, "queued", JOB) == [
+            {"error": "timeout: the job's time limit passed while reading the input (JOB_TIMEOUT_S)"}]
+    finally:
+        busy.set()
+    assert all(blocker.result() for blocker in blockers)
 
 
 def test_the_time_limit_covers_the_wait_for_a_slot_and_generation(scheduler: Scheduler, tmp_path: Path) -> None:
