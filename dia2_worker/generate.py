@@ -98,6 +98,17 @@ def _words(path: Path, flag: str) -> tuple[tuple[str, float, float], ...]:
                              f"({type(exc).__name__}: {exc})") from None
 
 
+def _progress(frame_rate: float):
+    """On a terminal, one line rewritten as frames come; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(frames: int) -> None:
+        print(f"\rgenerating: {frames} frames, {frames / frame_rate:.1f} s of audio", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     return cli.run(_main, argv, "python -m dia2_worker.generate")
 
@@ -127,10 +138,12 @@ def _main(argv: list[str] | None) -> int:
     )
     engine = Dia2Engine.load(args.model_dir, args.mimi_dir, args.device, getattr(torch, args.dtype))
     try:
-        result = engine.generate(GenerationRequest(script, params, prefix))
+        result = engine.generate(GenerationRequest(script, params, prefix), on_frame=_progress(engine.codec.frame_rate))
     except GenerationParamError as exc:
         flag = FLAGS.get(exc.param, exc.param)
         parser.error(f"{flag}: {str(exc).split(': ', 1)[1]}")
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # end the progress line
     audio.write_wav(args.out, result.waveform.numpy(), result.sample_rate)
     if args.tokens_out:
         np.save(args.tokens_out, result.tokens.numpy().astype(np.int64))
