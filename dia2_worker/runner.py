@@ -30,7 +30,7 @@ from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits
                    needs_download, parse_job, progress_item, result_item, words_item)
 from .params import MAX_SEED
 from .scheduler import Emitted, JobTimeout, Scheduler
-from .storage import Storage, StorageError, write_atomically
+from .storage import Storage, StorageError, StoredObject, write_atomically
 
 log = logging.getLogger("dia2_worker.runner")
 
@@ -197,28 +197,10 @@ class Keeper:
             key = self.storage.key_for(job_id, job.output.key_prefix)
         except ValueError:
             log.exception("no object key for this job", extra=tag)
-            key = None
-        why = "no object key could be made"
-        budget, limit = self.settings.upload_timeout_s, "UPLOAD_TIMEOUT_S"
-        if deadline is not None and deadline - time.monotonic() < budget:
-            budget, limit = deadline - time.monotonic(), "JOB_TIMEOUT_S"
-        if budget <= 0:
-            why, key = "the job's time limit passed before the upload (JOB_TIMEOUT_S)", None
-        if key is not None:
-            put = self.uploads.submit(self.storage.put, key, wav, presign_expiry_s=job.output.presign_expiry_s,
-                                      deadline=time.monotonic() + budget)
-            try:
-                stored = await asyncio.wait_for(asyncio.wrap_future(put), budget)
-            except StorageError as exc:
-                log.error("%s", exc, extra=tag)
-                why = f"the upload failed after {exc.attempts} attempt{'s' * (exc.attempts > 1)}"
-            except TimeoutError:
-                log.error("upload of %s not finished within %g s (%s)", key, budget, limit, extra=tag)
-                why = f"the upload did not finish in time ({limit})"
-            except Exception:
-                log.exception("upload of %s failed", key, extra=tag)
-                why = "the upload failed"
-            else:
+            key, why = None, "no object key could be made"
+        else:
+            stored, why = await self._upload(key, wav, job.output.presign_expiry_s, deadline, tag)
+            if stored is not None:
                 return result_item(audio_url=stored.url, bucket=stored.bucket, key=stored.key, sha256=stored.sha256,
                                    **fields)
         sha256 = hashlib.sha256(wav).hexdigest()
@@ -228,10 +210,10 @@ class Keeper:
         if len(wav) <= self.settings.inline_audio_max_bytes and fits:
             log.warning("%s; the audio is returned inline", why, extra=tag)
             return inline
-        limit = (f"the {self.settings.inline_audio_max_bytes}-byte inline limit (INLINE_AUDIO_MAX_BYTES)" if fits else
-                 f"the room left in the job's output (at most {self.settings.max_output_bytes} bytes, RunPod's "
-                 "payload limit, and the streamed audio is already in it)")
-        too_large = f"{why}, and at {len(wav)} bytes the audio is larger than {limit}"
+        ceiling = (f"the {self.settings.inline_audio_max_bytes}-byte inline limit (INLINE_AUDIO_MAX_BYTES)" if fits
+                   else f"the room left in the job's output (at most {self.settings.max_output_bytes} bytes, "
+                        "RunPod's payload limit, and the streamed audio is already in it)")
+        too_large = f"{why}, and at {len(wav)} bytes the audio is larger than {ceiling}"
         spool = self.settings.spool_dir.joinpath(*(key or f"{sha256}.wav").split("/"))
         try:
             await asyncio.to_thread(self._spool, spool, wav)
@@ -241,6 +223,28 @@ class Keeper:
                               f"(sha256 {sha256}) is lost")
         log.warning("%s; the audio was written to %s", too_large, spool, extra=tag)
         return error_item(f"{too_large}; it was written to {spool} on the worker (sha256 {sha256})")
+
+    async def _upload(self, key: str, wav: bytes, presign_expiry_s: int | None, deadline: float | None,
+                      tag: dict) -> tuple[StoredObject | None, str]:
+        """The stored object, or None and why not (for the client: no worker details; those are logged)."""
+        budget, limit = self.settings.upload_timeout_s, "UPLOAD_TIMEOUT_S"
+        if deadline is not None and deadline - time.monotonic() < budget:
+            budget, limit = deadline - time.monotonic(), "JOB_TIMEOUT_S"
+        if budget <= 0:
+            return None, "the job's time limit passed before the upload (JOB_TIMEOUT_S)"
+        put = self.uploads.submit(self.storage.put, key, wav, presign_expiry_s=presign_expiry_s,
+                                  deadline=time.monotonic() + budget)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(put), budget), ""
+        except StorageError as exc:
+            log.error("%s", exc, extra=tag)
+            return None, f"the upload failed after {exc.attempts} attempt{'s' * (exc.attempts > 1)}"
+        except TimeoutError:
+            log.error("upload of %s not finished within %g s (%s)", key, budget, limit, extra=tag)
+            return None, f"the upload did not finish in time ({limit})"
+        except Exception:
+            log.exception("upload of %s failed", key, extra=tag)
+            return None, "the upload failed"
 
     def _spool(self, path: Path, wav: bytes) -> None:
         """Write the spool copy, first deleting the oldest ones so the spool stays within SPOOL_MAX_BYTES."""

@@ -279,7 +279,7 @@ def test_a_job_without_downloads_runs_while_downloads_hang(scheduler: Scheduler,
 def test_bad_input_is_answered_while_uploads_hang(scheduler: Scheduler, s3, proxy: FaultProxy,
                                                   tmp_path: Path) -> None:
     proxy.inject(Fault("stall", stall_s=30, times=1000))
-    storage = s3(BUCKET_READ_TIMEOUT_S="60")
+    storage = s3(BUCKET_READ_TIMEOUT_S="60", UPLOAD_MAX_ATTEMPTS="1")  # once the proxy closes, they give up
     runner = JobRunner(scheduler, storage, WorkerLimits(), RunnerSettings(spool_dir=tmp_path, upload_timeout_s=60))
     finished: list[str] = []
 
