@@ -156,7 +156,8 @@ def read_input(path: Path) -> dict:
         raise cli.UsageError(f"--input: {path} is not valid JSON ({exc})") from None
     job_input = raw.get("input", raw) if isinstance(raw, dict) else raw
     if not isinstance(job_input, dict):
-        raise cli.UsageError(f'--input: {path} must hold a JSON object, {{"input": {{"text": ...}}}} or {{"text": ...}}')
+        raise cli.UsageError(f'--input: {path} must hold a JSON object, {{"input": {{"text": ...}}}} '
+                             f'or {{"text": ...}}')
     return job_input
 
 

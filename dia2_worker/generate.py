@@ -104,7 +104,8 @@ def _progress(frame_rate: float):
         return None
 
     def show(frames: int) -> None:
-        print(f"\rgenerating: {frames} frames, {frames / frame_rate:.1f} s of audio", end="", file=sys.stderr, flush=True)
+        print(f"\rgenerating: {frames} frames, {frames / frame_rate:.1f} s of audio", end="", file=sys.stderr,
+              flush=True)
 
     return show
 

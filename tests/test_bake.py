@@ -108,7 +108,8 @@ def test_rebuilt_bakes_are_identical_in_bytes_and_metadata(demo_dir, tmp_path):
 
     first, second = listing(demo_dir), listing(again)
     assert first == second
-    assert {mtime for _, _, mtime in first.values()} == {int(os.environ.get("SOURCE_DATE_EPOCH") or bake_weights.FIXED_MTIME)}
+    fixed = int(os.environ.get("SOURCE_DATE_EPOCH") or bake_weights.FIXED_MTIME)
+    assert {mtime for _, _, mtime in first.values()} == {fixed}
 
 
 @pytest.fixture

@@ -74,7 +74,8 @@ def test_bad_values_name_the_flag(tiny_dir, tmp_path):
 def test_progress_shows_on_a_terminal(tiny_dir, tmp_path):
     import pty
 
-    args = ["--model-dir", str(tiny_dir), "--text", "[S1] Hello there.", "--seed", "1", "--out", str(tmp_path / "o.wav")]
+    args = ["--model-dir", str(tiny_dir), "--text", "[S1] Hello there.", "--seed", "1",
+            "--out", str(tmp_path / "o.wav")]
     primary, secondary = pty.openpty()
     with subprocess.Popen([sys.executable, "-m", "dia2_worker.generate", *args], cwd=ROOT, stderr=secondary,
                           stdout=subprocess.DEVNULL) as process:
