@@ -52,8 +52,12 @@ MAX_REDIRECTS = 3
 MAX_URL_CHARS = 2048
 MAX_KEY_PREFIX_CHARS = 200
 MAX_PREFIX_CHANNELS = 2
-UNKNOWN_FRAMES = (1 << 62)
-"""libsndfile's frame count for a stream that does not state its length (it reports 2**63 - 1)."""
+UNKNOWN_FRAMES = 1 << 62
+"""At least this many frames is libsndfile's way of saying a stream does not state its length (2**63 - 1)."""
+MAX_ERROR_CHARS = 2000
+"""Longest error message a job gets back (and the log repeats): one readable line, whatever was sent."""
+MAX_NAMES_SHOWN = 5
+"""Unknown field names an error lists."""
 
 DEFAULTS = GenerationParams()
 """The engine's defaults (Nari Labs' Dia2 runtime's): audio 0.8/50, text 0.6/50, cfg 2.0 with filter 50."""
@@ -64,9 +68,6 @@ _BIDI_CONTROLS = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
 """Bidirectional embeddings, overrides and isolates: they make a script display other than it reads."""
 _TAGS = re.compile(r"\[S[12]\]|<break\b[^>]*>")
 """Speaker tags and pauses: markup, not speech."""
-MAX_ERROR_CHARS = 2000
-"""Longest error message a job gets back (and the log repeats): one readable line, whatever was sent."""
-MAX_NAMES_SHOWN = 5
 _URL_CHARS = re.compile(rf"[!-~]{{1,{MAX_URL_CHARS}}}")
 _KEY_PREFIX_CHARS = re.compile(rf"[A-Za-z0-9/_.-]{{1,{MAX_KEY_PREFIX_CHARS}}}")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
