@@ -56,7 +56,7 @@ class RunnerSettings:
     """JOB_TIMEOUT_S: a job not finished this long after it reached the worker (download, planning, the
     wait for a slot, generation and upload included) fails; generation stops within one frame, and a
     late upload falls back like a failed one."""
-    upload_timeout_s: float = 120.0
+    upload_timeout_s: float = 60.0
     """UPLOAD_TIMEOUT_S: most time one job's upload may take, every retry included."""
     spool_max_bytes: int = 2 * 1024**3
     """SPOOL_MAX_BYTES: most disk the spool takes; the oldest copies go first."""

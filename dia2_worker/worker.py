@@ -49,7 +49,7 @@ class WorkerSettings:
     inline_audio_max_bytes: int
     """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline when the upload fails for good (8 MiB)."""
     upload_timeout_s: float
-    """UPLOAD_TIMEOUT_S: most time one job's upload may take, retries included (120 s)."""
+    """UPLOAD_TIMEOUT_S: most time one job's upload may take, retries included (60 s)."""
     spool_max_bytes: int
     """SPOOL_MAX_BYTES: most disk the spool of un-uploadable WAVs takes, oldest deleted first (2 GiB)."""
     log_level: str
@@ -84,7 +84,7 @@ class WorkerSettings:
             job_timeout_s=env_number(env, "JOB_TIMEOUT_S", float, Range(1.0, 86400.0), None),
             inline_audio_max_bytes=env_number(env, "INLINE_AUDIO_MAX_BYTES", int, Range(0, 64 * 1024 * 1024),
                                               8 * 1024 * 1024),
-            upload_timeout_s=env_number(env, "UPLOAD_TIMEOUT_S", float, Range(1.0, 3600.0), 120.0),
+            upload_timeout_s=env_number(env, "UPLOAD_TIMEOUT_S", float, Range(1.0, 3600.0), 60.0),
             spool_max_bytes=env_number(env, "SPOOL_MAX_BYTES", int, Range(0), 2 * 1024**3),
             log_level=log_level,
         )
