@@ -673,6 +673,14 @@ def _show(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
+def check_all_but_prefix(raw: object, limits: WorkerLimits) -> None:
+    """Every check of `parse_job` but the prefix's, without I/O: a job that will wait its turn to download
+    prefix audio learns of a cheap mistake at once."""
+    if isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if key not in ("prefix", "include_prefix")}
+    parse_job(raw, limits)
+
+
 def needs_download(raw: object) -> bool:
     """Whether a job input asks for prefix audio by URL (its parse then waits on the network)."""
     prefix = raw.get("prefix") if isinstance(raw, dict) else None

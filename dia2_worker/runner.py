@@ -26,7 +26,7 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from . import audio
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
-from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, error_item,
+from .jobs import (FRAME_MS, JobInputError, check_all_but_prefix, JobMetrics, JobRequest, WorkerLimits, audio_item, error_item,
                    needs_download, parse_job, progress_item, result_item, words_item)
 from .params import MAX_SEED
 from .scheduler import Emitted, JobTimeout, Scheduler
@@ -108,8 +108,12 @@ class JobRunner:
         deadline = None if self.settings.job_timeout_s is None else received_at + self.settings.job_timeout_s
         engine = self.scheduler.engine
         try:
-            # A job that downloads nothing never waits behind downloads; one that does, downloads last.
-            pool = self.downloads if needs_download(raw_input) else self.planning
+            # A job that downloads nothing never waits behind downloads; one that does is checked first, then
+            # waits for a download thread.
+            pool = self.planning
+            if needs_download(raw_input):
+                await self._before(deadline, "reading the input", pool, check_all_but_prefix, raw_input, self.limits)
+                pool = self.downloads
             job = await self._before(deadline, "reading the input", pool, parse_job, raw_input, self.limits)
             # Planning (tokenising, the voice prefix's Mimi encode) happens here, off the scheduler's thread.
             request = to_generation_request(job, engine.max_delay, job_id)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from dia2_worker.jobs import JobMetrics, WorkerLimits, parse_job
-from dia2_worker.runner import PLANNING_THREADS, JobRunner, Keeper, RunnerSettings, seed_for
+from dia2_worker.runner import DOWNLOAD_THREADS, PLANNING_THREADS, JobRunner, Keeper, RunnerSettings, seed_for
 from dia2_worker.scheduler import Scheduler
 from dia2_worker.storage import LocalStorage, StorageSettings, make_storage
 from s3_server import Fault, FaultProxy, MotoServer, bucket_env
@@ -274,6 +274,25 @@ def test_a_job_without_downloads_runs_while_downloads_hang(scheduler: Scheduler,
 
     good, still_held = asyncio.run(run())
     assert good[-1]["type"] == "result" and still_held
+
+
+def test_a_cheap_mistake_beside_an_audio_url_is_answered_while_downloads_hang(
+        scheduler: Scheduler, held: HeldAudio, tiny_dir: Path, tmp_path: Path) -> None:
+    runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), LOOPBACK, RunnerSettings())
+
+    async def run() -> tuple[list[dict], bool]:
+        downloads = [asyncio.ensure_future(anext(runner.run(f"url-{n}", url_job(tiny_dir, held.url))))
+                     for n in range(DOWNLOAD_THREADS)]
+        for _ in downloads:  # every download thread is busy
+            await asyncio.to_thread(held.arrived.acquire)
+        bad = [item async for item in runner.run("bad", {**url_job(tiny_dir, held.url), "top_k": 0})]
+        still_held = not any(d.done() for d in downloads)
+        held.release.set()
+        await asyncio.gather(*downloads)
+        return bad, still_held
+
+    bad, still_held = asyncio.run(run())
+    assert bad == [{"error": "top_k: must be an integer between 1 and 10000, got 0"}] and still_held
 
 
 def test_bad_input_is_answered_while_uploads_hang(scheduler: Scheduler, s3, proxy: FaultProxy,
