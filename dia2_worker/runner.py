@@ -26,8 +26,8 @@ from typing import AsyncIterator, Awaitable, TypeVar
 
 from . import audio
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
-from .jobs import (FRAME_MS, JobInputError, check_all_but_prefix, JobMetrics, JobRequest, WorkerLimits, audio_item, error_item,
-                   needs_download, parse_job, progress_item, result_item, words_item)
+from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, check_all_but_prefix,
+                   error_item, needs_download, parse_job, progress_item, result_item, words_item)
 from .params import MAX_SEED
 from .scheduler import Emitted, JobTimeout, Scheduler
 from .storage import Storage, StorageError, StoredObject, write_atomically
