@@ -144,6 +144,15 @@ def test_a_full_disk_falls_back_without_a_traceback(bucket: bool, inline: int, t
     assert "Traceback" not in message
 
 
+def test_a_full_disk_does_not_stop_a_healthy_upload(moto: MotoServer, tmp_path: Path) -> None:
+    env = [f"{name}={value}" for name, value in bucket_env(moto.endpoint_url, moto.create_bucket()).items()]
+    run = subprocess.run([sys.executable, "-c", RLIMIT_SCRIPT, str(tmp_path / "out"), "100", *env],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    keys, _ = run.stdout.splitlines()[-2:]
+    assert "'audio_url'" in keys and "'error'" not in keys and "'storage_error'" not in keys
+
+
 # --- JOB_TIMEOUT_S counts from arrival and covers every phase ---------------------------------------
 
 
