@@ -191,7 +191,11 @@ def test_sixteen_concurrent_jobs_complete_like_jobs_run_alone(plane: ControlPlan
         job_input = {"text": scripts[n % 4], "seed": n, "temperature": [0.0, 0.8][n % 2], "top_k": 10 + n,
                      "cfg_scale": [1.0, 2.0, 3.0][n % 3], "chunk_ms": 160 * (1 + n % 3), "max_duration_s": 8}
         jobs[plane.submit(job_input)] = job_input
+    # Taken in a batch (concurrency above 1), a job without "input" reaches the worker, which answers it; the
+    # SDK's single-job take drops it unanswered (README, "Job input").
+    no_input = plane.submit_job({"id": "no-input"})
     concurrent = {job_id: outputs(plane, job_id) for job_id in jobs}
+    assert plane.wait_result(no_input, JOB_TIMEOUT).body == {"error": "input: must be a JSON object, got null"}
     for job_id, (result, items) in concurrent.items():
         assert "error" not in result, result
         check_stored_result(items[-1], items, moto)
