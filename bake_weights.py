@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,11 @@ RANDOM_SEED = 0
 TOOLS = ("torch", "safetensors", "huggingface_hub", "tokenizers", "numpy")
 """Packages whose versions the manifest records."""
 STARTED = time.perf_counter()
+FIXED_MTIME = 315_532_800
+"""1980-01-01 UTC: every file and directory of a bake gets this mtime (or SOURCE_DATE_EPOCH's), so rebuilding
+the image's weights layer from the same sources gives the same bytes and metadata, hence the same layer digest."""
+RECORDED_FLAGS = ("--model", "--demo", "--random-shape", "--dtype", "--revision", "--mimi", "--mimi-revision")
+"""The flags that decide a bake's content, which the manifest records; --out and --force only say where."""
 
 
 class BakeError(Exception):
@@ -92,6 +96,10 @@ def fetch(spec: str, revision: str | None, files: Sequence[str]) -> Source:
     from huggingface_hub.errors import HFValidationError
 
     log(f"downloading {', '.join(files)} from {spec}" + (f" at {revision}" if revision else ""))
+    if not sys.stderr.isatty():  # progress bars on a terminal; an image build's log gets the lines above only
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     try:
         snapshot = Path(snapshot_download(spec, revision=revision, allow_patterns=list(files)))
     except HFValidationError as exc:
@@ -212,13 +220,32 @@ def write_manifest(directory: Path, dtype_name: str, sources: dict[str, Any], ar
     manifest = {
         "layout_version": LAYOUT_VERSION,
         "dtype": dtype_name,
-        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **sources,
         "files": files,
-        "bake": {"command": ["bake_weights.py", *argv],
+        "bake": {"command": ["bake_weights.py", *recorded_argv(argv)],
                  "versions": {"python": platform.python_version(), **{t: metadata.version(t) for t in TOOLS}}},
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def recorded_argv(argv: Sequence[str]) -> list[str]:
+    """The command line without where the bake went: two bakes of one source record the same command."""
+    kept: list[str] = []
+    keep = False
+    for arg in argv:
+        if arg.startswith("-"):
+            keep = arg.split("=", 1)[0] in RECORDED_FLAGS
+        if keep:
+            kept.append(arg)
+    return kept
+
+
+def fix_metadata(directory: Path) -> None:
+    """Same permissions and mtimes on every rebuild (the bytes already are the same)."""
+    mtime = int(os.environ.get("SOURCE_DATE_EPOCH") or FIXED_MTIME)
+    for path in [*directory.rglob("*"), directory]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
 def check_loads(directory: Path, dtype: torch.dtype) -> None:
@@ -293,6 +320,7 @@ def bake(args: argparse.Namespace, argv: Sequence[str]) -> None:
             sources = {"model": NO_SOURCE, "mimi": NO_SOURCE, "random": {"shape": shape, "seed": RANDOM_SEED}}
         write_manifest(partial, args.dtype, sources, argv)
         check_loads(partial, dtype)
+        fix_metadata(partial)
 
 
 # ---------------------------------------------------------------------- verifying

@@ -19,12 +19,40 @@ SAMPLE_RATE = 24_000
 
 
 def read_audio(source: str | Path | bytes) -> tuple[np.ndarray, int]:
-    """An audio file (a path, or its bytes; whatever libsndfile reads) -> float32 [N, channels], sample rate."""
+    """An audio file (a path, or its bytes; whatever libsndfile reads) -> float32 [N, channels], sample rate.
+    A WAV file cut short (its header promises more than it holds) raises ValueError."""
     import soundfile as sf
 
-    samples, rate = sf.read(io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32",
-                            always_2d=True)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    shortfall = wav_shortfall(data)
+    if shortfall is not None:
+        name = "audio" if isinstance(source, bytes) else str(source)
+        raise ValueError(f"{name} is a truncated WAV file: its header says {shortfall[0]:.2f} s but the file holds "
+                         f"{shortfall[1]:.2f} s")
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return samples, rate
+
+
+def wav_shortfall(data: bytes) -> tuple[float, float] | None:
+    """For a PCM WAV file whose data chunk is cut short: (seconds its header states, seconds it holds);
+    None for a complete WAV, a streamed one (size 0 or 0xFFFFFFFF) or anything that is not a WAV.
+    libsndfile silently reads such a file as the shorter audio."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    position, frame_bytes, rate = 12, 0, 0
+    while position + 8 <= len(data):
+        chunk, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8], "little")
+        body = position + 8
+        if chunk == b"fmt " and size >= 16:
+            rate = int.from_bytes(data[body + 4:body + 8], "little")
+            frame_bytes = int.from_bytes(data[body + 12:body + 14], "little")  # block align
+        elif chunk == b"data":
+            held = len(data) - body
+            if frame_bytes and rate and 0 < size < 0xFFFFFFFF and size > held:
+                return size // frame_bytes / rate, held // frame_bytes / rate
+            return None
+        position = body + size + (size & 1)
+    return None
 
 
 def to_mono(samples: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,17 @@ import wave
 from pathlib import Path
 from typing import Any
 
+from . import cli
+
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
 class JobFailed(RuntimeError):
     pass
+
+
+class Unreachable(JobFailed):
+    """The server did not answer at all: nothing is known about the job."""
 
 
 class Api:
@@ -48,6 +54,10 @@ class Api:
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
             raise JobFailed(f"{method} {path} answered HTTP {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:  # refused, unknown host, timed out, cut off
+            raise Unreachable(f"{self.base_url} is not reachable: {getattr(exc, 'reason', exc)}") from None
+        except ValueError:
+            raise JobFailed(f"{method} {path} answered with something that is not JSON") from None
 
     def run(self, job_input: dict) -> str:
         return self.call("POST", "/run", {"input": job_input})["id"]
@@ -91,9 +101,9 @@ def submit(api: Api, job_input: dict, wait_s: float) -> str:
     while True:
         try:
             return api.run(job_input)
-        except urllib.error.URLError as exc:
+        except Unreachable:
             if time.monotonic() > deadline:
-                raise JobFailed(f"{api.base_url} is not reachable: {exc.reason}") from None
+                raise
             time.sleep(0.25)
 
 
@@ -137,7 +147,25 @@ def follow(api: Api, job_input: dict, out: Path, poll_s: float = 0.2, timeout_s:
             "client_total_ms": (time.monotonic() - started) * 1000}
 
 
+def read_input(path: Path) -> dict:
+    """A job file: {"input": {...}} or the input object itself."""
+    cli.existing_file(path, "--input")
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise cli.UsageError(f"--input: {path} is not valid JSON ({exc})") from None
+    job_input = raw.get("input", raw) if isinstance(raw, dict) else raw
+    if not isinstance(job_input, dict):
+        raise cli.UsageError(f'--input: {path} must hold a JSON object, {{"input": {{"text": ...}}}} '
+                             f'or {{"text": ...}}')
+    return job_input
+
+
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, "python -m dia2_worker.client")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dia2_worker.client", description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--endpoint-id", help="RunPod endpoint id (uses RUNPOD_API_KEY)")
@@ -152,11 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep retrying the submission this long while the endpoint is not up yet")
     args = parser.parse_args(argv)
 
-    if args.input:
-        raw = json.loads(args.input.read_text())
-        job_input = raw.get("input", raw)
-    else:
-        job_input = {"text": args.text}
+    job_input = read_input(args.input) if args.input else {"text": args.text}
+    cli.writable_parent(args.out, "--out")
     if args.endpoint_id:
         key = os.environ.get("RUNPOD_API_KEY")
         if not key:
@@ -166,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         api = Api(args.url, None, local=True, timeout=args.timeout)
     try:
         result = follow(api, job_input, args.out, timeout_s=args.timeout, wait_s=args.wait)
+    except Unreachable as exc:
+        hint = "is the worker running?" if args.url else "check the endpoint id and your network"
+        print(f"python -m dia2_worker.client: error: {exc} ({hint})", file=sys.stderr)
+        return 1
     except JobFailed as exc:
         print(f"job failed: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = ROOT / "handler.py"
 NAIVE_START = ROOT / "bench" / "naive_start.py"
@@ -75,6 +77,10 @@ def table(runs: list[dict], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, "python -m dia2_worker.coldstart")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dia2_worker.coldstart", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("MODEL_DIR", "/models/dia2")))
     parser.add_argument("--runs", type=int, default=3)
@@ -83,12 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one run may take")
     parser.add_argument("--json", type=Path, help="write every run's report and the summary here")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        raise cli.UsageError(f"--runs: must be at least 1, got {args.runs}")
+    cli.model_dir(args.model_dir, "--model-dir")
+    if args.device:
+        cli.device(args.device, "--device")
 
     modes = [("fast", False)] + ([("baseline", True)] if args.baseline else [])
     results: dict[str, list[dict]] = {name: [] for name, _ in modes}
-    for _ in range(args.runs):
+    for run in range(args.runs):
         for name, baseline in modes:  # interleaved, so both see the same page-cache and load conditions
+            print(f"run {run + 1} of {args.runs}: {name} start...", file=sys.stderr, flush=True)
             results[name].append(run_once(args.model_dir, args.device, baseline, args.timeout))
+            print(f"  ready after {results[name][-1]['ready_s']:.2f} s", file=sys.stderr, flush=True)
     summary = {}
     for name, runs in results.items():
         print(table(runs, f"\n{name} start ({args.model_dir}, seconds)"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -380,10 +380,17 @@ class Dia2Engine:
         plan = request if isinstance(request, GenerationPlan) else self.prepare(request)
         return GenerationStream(self, plan, decode_audio)
 
-    def generate(self, request: GenerationRequest | GenerationPlan) -> GenerationResult:
-        """Run to the end; the tokens are exactly the concatenation of what `stream` yields."""
+    def generate(self, request: GenerationRequest | GenerationPlan,
+                 on_frame: Callable[[int], None] | None = None) -> GenerationResult:
+        """Run to the end; the tokens are exactly the concatenation of what `stream` yields. `on_frame` gets
+        the count of output frames so far after each one (progress for command lines)."""
         stream = self.stream(request)
-        frames = [event.tokens for event in stream if isinstance(event, AudioFrame)]
+        frames = []
+        for event in stream:
+            if isinstance(event, AudioFrame):
+                frames.append(event.tokens)
+                if on_frame is not None:
+                    on_frame(len(frames))
         C = self.config.num_codebooks
         tokens = torch.stack(frames, dim=1) if frames else torch.zeros(C, 0, dtype=torch.long)
         return GenerationResult(tokens=tokens, waveform=self.decode(tokens), sample_rate=self.codec.sample_rate,

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import cli
 from .params import PARAMS, GenerationParams, flag
 
 
@@ -37,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prefix(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    from . import audio
     from .engine import PrefixSpeech, VoicePrefix
 
     speeches = []
@@ -48,9 +48,8 @@ def _prefix(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if wav is None:
             speeches.append(None)
             continue
-        samples, rate = audio.read_audio(wav)
-        timed = json.loads(words.read_text())["words"]
-        speeches.append(PrefixSpeech(samples, rate, tuple((str(w), float(s), float(e)) for w, s, e in timed)))
+        samples, rate = _prefix_audio(wav, f"--prefix-speaker-{n}")
+        speeches.append(PrefixSpeech(samples, rate, _words(words, f"--prefix-speaker-{n}-words")))
     if speeches[0] is None:
         if speeches[1] is not None:
             parser.error("--prefix-speaker-2 needs --prefix-speaker-1")
@@ -60,22 +59,69 @@ def _prefix(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return VoicePrefix(speeches[0], speeches[1], args.include_prefix)
 
 
+def _prefix_audio(path: Path, flag: str):
+    from soundfile import SoundFileError
+
+    from . import audio
+
+    cli.existing_file(path, flag)
+    try:
+        return audio.read_audio(path)
+    except (SoundFileError, ValueError) as exc:
+        raise cli.UsageError(f"{flag}: {path} is not usable audio: {getattr(exc, 'error_string', exc)}") from None
+
+
+def _words(path: Path, flag: str) -> tuple[tuple[str, float, float], ...]:
+    cli.existing_file(path, flag)
+    try:
+        return tuple((str(w), float(s), float(e)) for w, s, e in json.loads(path.read_text())["words"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise cli.UsageError(f'{flag}: {path} must hold {{"words": [[word, start_s, end_s], ...]}} '
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+def _progress(frame_rate: float):
+    """On a terminal, one line rewritten as frames come; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(frames: int) -> None:
+        print(f"\rgenerating: {frames} frames, {frames / frame_rate:.1f} s of audio", end="", file=sys.stderr,
+              flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, "python -m dia2_worker.generate")
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Every mistake a user can make on this line is found before the model loads and the generation runs.
+    cli.model_dir(args.model_dir, "--model-dir")
+    cli.mimi_dir(args.mimi_dir or args.model_dir / "mimi", "--mimi-dir" if args.mimi_dir else "--model-dir")
+    script = args.text if args.text is not None else cli.existing_file(args.text_file, "--text-file").read_text()
+    cli.writable_parent(args.out, "--out")
+    if args.tokens_out is not None:
+        cli.writable_parent(args.tokens_out, "--tokens-out")
+    cli.device(args.device, "--device")
+    prefix = _prefix(args, parser)
     import numpy as np
     import torch
 
     from . import audio
     from .engine import Dia2Engine, GenerationParamError, GenerationRequest
 
-    script = args.text if args.text is not None else args.text_file.read_text()
     params = GenerationParams(**{param.name: getattr(args, param.name) for param in PARAMS})
     engine = Dia2Engine.load(args.model_dir, args.mimi_dir, args.device, getattr(torch, args.dtype))
     try:
-        result = engine.generate(GenerationRequest(script, params, _prefix(args, parser)))
+        result = engine.generate(GenerationRequest(script, params, prefix), on_frame=_progress(engine.codec.frame_rate))
     except GenerationParamError as exc:
         parser.error(f"{flag(exc.param)}: {exc.message}")
+    if sys.stderr.isatty():
+        print(file=sys.stderr)  # end the progress line
     audio.write_wav(args.out, result.waveform.numpy(), result.sample_rate)
     if args.tokens_out:
         np.save(args.tokens_out, result.tokens.numpy().astype(np.int64))

@@ -53,9 +53,19 @@ MAX_REDIRECTS = 3
 MAX_URL_CHARS = 2048
 MAX_KEY_PREFIX_CHARS = 200
 MAX_PREFIX_CHANNELS = 2
+UNKNOWN_FRAMES = 1 << 62
+"""At least this many frames is libsndfile's way of saying a stream does not state its length (2**63 - 1)."""
+MAX_ERROR_CHARS = 2000
+"""Longest error message a job gets back (and the log repeats): one readable line, whatever was sent."""
+MAX_NAMES_SHOWN = 5
+"""Unknown field names an error lists."""
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 """Control characters (newline, carriage return and tab excepted) and lone surrogates."""
+_BIDI_CONTROLS = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
+"""Bidirectional embeddings, overrides and isolates: they make a script display other than it reads."""
+_TAGS = re.compile(r"\[S[12]\]|<break\b[^>]*>")
+"""Speaker tags and pauses: markup, not speech."""
 _URL_CHARS = re.compile(rf"[!-~]{{1,{MAX_URL_CHARS}}}")
 _KEY_PREFIX_CHARS = re.compile(rf"[A-Za-z0-9/_.-]{{1,{MAX_KEY_PREFIX_CHARS}}}")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -242,14 +252,21 @@ def _object(value: object, path: str, allowed: frozenset[str]) -> _Object:
     if not isinstance(value, dict):
         raise JobInputError(path or "input", f"must be a JSON object, got {_show(value)}")
     found = _Object(value, path)
-    unknown = sorted(str(key) for key in value if key not in allowed)
+    unknown = sorted(_show_name(key) for key in value if key not in allowed)
     if unknown:
+        more = f" and {len(unknown) - MAX_NAMES_SHOWN} more" if len(unknown) > MAX_NAMES_SHOWN else ""
         raise JobInputError(
             found.field(unknown[0]),
-            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown[:MAX_NAMES_SHOWN])}{more} "
             f"(allowed here: {', '.join(sorted(allowed))})",
         )
     return found
+
+
+def _show_name(key: object) -> str:
+    """A field name as sent, shown as is when it is plain, else as a short JSON string (escaped)."""
+    name = str(key)
+    return name if re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name) else _show(name, 40)
 
 
 def _integer(value: object, field: str, allowed: Range) -> int:
@@ -288,7 +305,22 @@ def _text(value: object, field: str, max_chars: int) -> str:
     if len(text) > max_chars:
         raise JobInputError(field, f"must be at most {max_chars} characters, got {len(text)}")
     _refuse_control_chars(text, field)
+    bidi = _BIDI_CONTROLS.search(text)
+    if bidi:
+        raise JobInputError(
+            field, f"must not contain bidirectional override or isolate characters, got U+{ord(bidi.group()):04X} "
+                   f"at index {bidi.start()}")
+    if not any(_spoken(char) for char in _TAGS.sub(" ", text)):
+        raise JobInputError(field, "must contain words to speak, not only [S1]/[S2] tags, <break/> pauses, "
+                                   "whitespace or invisible formatting characters")
     return text
+
+
+def _spoken(char: str) -> bool:
+    """A character that can be part of a word: not whitespace, not a control or format character (Cc, Cf)."""
+    import unicodedata
+
+    return not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf")
 
 
 def _refuse_control_chars(text: str, field: str) -> None:
@@ -411,7 +443,10 @@ def _decode_audio(data: bytes, field: str, max_duration_s: float) -> tuple[np.nd
     The length, rate and channels are checked from the header before the samples are read, so
     a small compressed file cannot expand into gigabytes.
     """
+    import numpy as np
     import soundfile as sf
+
+    from .audio import wav_shortfall
 
     try:
         with sf.SoundFile(io.BytesIO(data)) as audio:
@@ -420,15 +455,25 @@ def _decode_audio(data: bytes, field: str, max_duration_s: float) -> tuple[np.nd
                 raise JobInputError(field, f"sample rate must be {_SAMPLE_RATE.describe()} Hz, got {sample_rate}")
             if channels > MAX_PREFIX_CHANNELS:
                 raise JobInputError(field, f"must have at most {MAX_PREFIX_CHANNELS} channels, got {channels}")
+            if frames >= UNKNOWN_FRAMES:
+                raise JobInputError(field, "does not state its length (a streamed FLAC?), which libsndfile cannot "
+                                           "read reliably; re-encode it as a complete file")
             if frames > max_duration_s * sample_rate:
                 raise JobInputError(
                     field, f"must be at most {max_duration_s:g} s of audio, got {frames / sample_rate:.2f} s"
                 )
             samples = audio.read(dtype="float32", always_2d=True)
     except sf.SoundFileError as error:
-        raise JobInputError(field, f"is not a readable audio file (WAV, FLAC, OGG or MP3): {error}") from None
+        reason = getattr(error, "error_string", "") or "unknown format"
+        raise JobInputError(field, f"is not a readable audio file (WAV, FLAC, OGG or MP3): {reason}") from None
     if samples.shape[0] == 0:
         raise JobInputError(field, "contains no audio samples")
+    shortfall = wav_shortfall(data)
+    if shortfall is not None:
+        raise JobInputError(field, f"is a truncated WAV file: its header says {shortfall[0]:.2f} s "
+                                   f"but the file holds {shortfall[1]:.2f} s")
+    if not np.isfinite(samples).all():
+        raise JobInputError(field, "contains samples that are NaN or infinite")
     return samples, sample_rate
 
 
@@ -608,13 +653,36 @@ def _too_slow(limits: WorkerLimits, field: str) -> JobInputError:
     return JobInputError(field, f"download did not finish within the {limits.audio_url_timeout_s:g} s limit")
 
 
-def _show(value: object) -> str:
-    """The offending value as JSON, cut short so an error stays one readable line."""
+def _show(value: object, limit: int = 60) -> str:
+    """The offending value as JSON (control characters escaped), cut short so an error stays one line."""
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."
+    except (TypeError, ValueError, RecursionError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def check_all_but_prefix(raw: object, limits: WorkerLimits) -> None:
+    """Every check of `parse_job` but the prefix's, without I/O: a job that will wait its turn to download
+    prefix audio learns of a cheap mistake at once."""
+    if isinstance(raw, dict):
+        raw = {key: value for key, value in raw.items() if key not in ("prefix", "include_prefix")}
+    parse_job(raw, limits)
+
+
+def needs_download(raw: object) -> bool:
+    """Whether a job input asks for prefix audio by URL (its parse then waits on the network)."""
+    prefix = raw.get("prefix") if isinstance(raw, dict) else None
+    speakers = prefix.values() if isinstance(prefix, dict) else ()
+    return any(isinstance(speaker, dict) and speaker.get("audio_url") is not None for speaker in speakers)
+
+
+def error_item(message: str) -> dict[str, str]:
+    """A job's final error: one line, control characters escaped, at most MAX_ERROR_CHARS."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: json.dumps(m.group())[1:-1], message)
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS - 30]}... ({len(text)} characters)"
+    return {"error": text}
 
 
 # Stream items and the result, as the handler yields them (field names are the public protocol).
@@ -666,8 +734,10 @@ def result_item(
     seed: int,
     metrics: JobMetrics,
     audio_base64: str | None = None,
+    storage_error: str | None = None,
 ) -> dict[str, Any]:
-    """The final item. Without storage, audio_url/bucket/key are None and audio_base64 holds the WAV."""
+    """The final item. When the upload failed, audio_url/bucket/key are None, audio_base64 holds the WAV
+    and storage_error says why it is inline."""
     result = {
         "type": "result",
         "audio_url": audio_url,
@@ -681,4 +751,6 @@ def result_item(
     }
     if audio_base64 is not None:
         result["audio_base64"] = audio_base64
+    if storage_error is not None:
+        result["storage_error"] = storage_error
     return result

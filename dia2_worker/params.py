@@ -72,7 +72,8 @@ def readme_rows() -> list[str]:
     """README's job-input table rows for the generation parameters."""
     rows = []
     for p in JOB_PARAMS:
-        default = "random (reported in the result)" if p.default is None else f"{p.default:g}"
+        # A job without a seed gets one derived from its id, so a retried job repeats its audio.
+        default = "from the job id (reported in the result)" if p.default is None else f"{p.default:g}"
         rows.append(f"| `{p.job_field}` | {p.help} | {default}; {p.range.describe()} |")
     return rows
 

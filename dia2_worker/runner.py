@@ -1,9 +1,13 @@
-"""One job end to end: validated input -> generation on the scheduler -> streamed chunks -> a file in storage.
+"""One job end to end: validated input -> generation on the scheduler -> streamed chunks -> WAV in storage.
 
 The runner is an async generator driven by the RunPod handler. The GPU work happens on the scheduler's
 thread; this side only awaits what it produced, so the event loop stays free for other jobs, stream
-posts and stop signals. Finished audio is never dropped: the WAV is written to the spool directory
-before upload, and a failed upload falls back to inline audio or an error naming where it was written.
+posts and stop signals. Blocking work runs on three bounded pools of its own, so one kind cannot hold up
+the others: `audio_url` downloads, CPU planning (parsing, tokenising, the prefix's Mimi encode) and uploads.
+
+JOB_TIMEOUT_S counts from the job's arrival and bounds every phase: download, planning, the wait for a
+slot, generation and the upload. Finished audio is never dropped: a failed or late upload falls back to
+the file inline in the result when it fits, else to a copy in the spool directory that the error names.
 """
 
 from __future__ import annotations
@@ -11,25 +15,34 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from . import audio
 from .encoders import FORMATS, encode_file
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
-from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, parse_job,
-                   progress_item, result_item, words_item)
-from .params import JOB_PARAMS, job_field
+from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, check_all_but_prefix,
+                   error_item, needs_download, parse_job, progress_item, result_item, words_item)
+from .params import JOB_PARAMS, MAX_SEED, job_field
 from .scheduler import Emitted, JobTimeout, Scheduler
-from .storage import LocalStorage, Storage, StorageError
+from .storage import Storage, StorageError, StoredObject, write_atomically
 
 log = logging.getLogger("dia2_worker.runner")
 
-# Engine parameter -> the job field a user sets it with, so errors name what the user sent.
+T = TypeVar("T")
+
+DOWNLOAD_THREADS = 8
+"""audio_url downloads at once; more wait their turn without holding up jobs that download nothing."""
+PLANNING_THREADS = 2
+"""Jobs parsed and planned at once (CPU work: base64 and audio decoding, tokenising, the Mimi encode)."""
+UPLOAD_THREADS = 8
+"""Uploads at once; each is bounded by UPLOAD_TIMEOUT_S and the job's deadline."""
 
 
 @dataclass(frozen=True)
@@ -37,17 +50,29 @@ class RunnerSettings:
     inline_audio_max_bytes: int = 8 * 1024 * 1024
     """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline (base64) when the upload fails for good."""
     spool_dir: Path = Path("output/spool")
-    """Every finished WAV is written here before upload; removed once the upload is verified."""
+    """Where a WAV too large to return inline is kept when the upload fails; the error names the file."""
     job_timeout_s: float | None = None
-    """JOB_TIMEOUT_S: a job not finished this long after it reached the worker (waiting for a slot included)
-    is stopped within one frame and fails."""
+    """JOB_TIMEOUT_S: a job not finished this long after it reached the worker (download, planning, the
+    wait for a slot, generation and upload included) fails; generation stops within one frame, and a
+    late upload falls back like a failed one."""
+    upload_timeout_s: float = 60.0
+    """UPLOAD_TIMEOUT_S: most time one job's upload may take, every retry included."""
+    spool_max_bytes: int = 2 * 1024**3
+    """SPOOL_MAX_BYTES: most disk the spool takes; the oldest copies go first."""
+    max_output_bytes: int = 10 * 1000 * 1000
+    """A job's final output (return_aggregate_stream repeats every stream item in it, then the result) stays
+    within this: RunPod documents 10 MB for a /run payload and 20 MB for /runsync. Streamed audio of the
+    longest job (120 s, ~7.7 MB in base64) fits; an inline WAV that would not fit is spooled instead."""
 
 
-def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:
+def to_generation_request(job: JobRequest, max_delay: int, job_id: str) -> GenerationRequest:
     """Job fields -> engine request. max_duration_s bounds the output: frames run = output frames + the
-    delay tail (the last codebooks of a frame arrive max_delay - 1 steps after its first)."""
+    delay tail (the last codebooks of a frame arrive max_delay - 1 steps after its first). Without a seed
+    the job id picks one, so a retried job reproduces the audio its earlier URLs point to."""
     params = GenerationParams(**{p.name: getattr(job, p.job_field) for p in JOB_PARAMS},
                               max_frames=math.ceil(job.max_duration_s * 1000 / FRAME_MS) + max_delay - 1)
+    if job.seed is None:
+        params = replace(params, seed=seed_for(job_id))
     prefix = None
     if job.prefix is not None:
         speeches = [None if p is None else PrefixSpeech(p.samples, p.sample_rate, p.words)
@@ -56,14 +81,13 @@ def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:
     return GenerationRequest(job.text, params, prefix)
 
 
-def plan_job(engine, raw_input: object, limits: WorkerLimits) -> tuple[JobRequest, GenerationPlan]:
-    """Validate a job input and plan its generation (blocks: call from a thread); every refusal is a
-    JobInputError naming the job's field. The HTTP server takes this path too."""
-    job = parse_job(raw_input, limits)
-    try:
-        return job, engine.prepare(to_generation_request(job, engine.max_delay))
-    except GenerationParamError as exc:
-        raise JobInputError(job_field(exc.param), exc.message) from None
+def seed_for(job_id: str) -> int:
+    """A seed that depends on the job id only."""
+    return int.from_bytes(hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).digest()[:8], "big") & MAX_SEED
+
+
+class PhaseTimeout(Exception):
+    """The job's deadline passed before it reached the scheduler; the message names the phase."""
 
 
 class JobRunner:
@@ -71,43 +95,79 @@ class JobRunner:
                  settings: RunnerSettings) -> None:
         self.scheduler, self.storage, self.limits, self.settings = scheduler, storage, limits, settings
         self.sample_rate = scheduler.engine.codec.sample_rate
+        self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="dia2-download")
+        self.planning = ThreadPoolExecutor(PLANNING_THREADS, thread_name_prefix="dia2-plan")
+        self.keeper = Keeper(storage, settings)
 
     async def run(self, job_id: str, raw_input: object, received_at: float | None = None) -> AsyncIterator[dict]:
         """Yield the job's stream items; a failed job ends with one {"error": ...} item."""
         received_at = time.monotonic() if received_at is None else received_at
-        engine = self.scheduler.engine
+        deadline = self.deadline(received_at)
         try:
-            job = await asyncio.to_thread(parse_job, raw_input, self.limits)
-            # Planning (tokenising, the voice prefix's Mimi encode) happens here, off the scheduler's thread.
-            plan = await asyncio.to_thread(engine.prepare, to_generation_request(job, engine.max_delay))
+            job, plan = await self.plan(job_id, raw_input, deadline)
         except JobInputError as exc:
-            yield {"error": str(exc)}
+            yield error_item(str(exc))
             return
-        except GenerationParamError as exc:
-            yield {"error": _job_error(exc)}
+        except PhaseTimeout as exc:
+            yield error_item(f"timeout: the job's time limit passed while {exc} (JOB_TIMEOUT_S)")
             return
-        async for item in self._generate(job_id, job, plan, received_at):
+        async for item in self._generate(job_id, job, plan, received_at, deadline):
             yield item
 
+    def deadline(self, received_at: float) -> float | None:
+        """When a job that arrived at `received_at` (time.monotonic()) must be done (JOB_TIMEOUT_S)."""
+        return None if self.settings.job_timeout_s is None else received_at + self.settings.job_timeout_s
+
+    async def plan(self, job_id: str, raw_input: object, deadline: float | None) -> tuple[JobRequest, GenerationPlan]:
+        """Validate a job input and plan its generation on the runner's pools. A refusal is a JobInputError
+        naming the job's field; a deadline passed on the way is a PhaseTimeout. The HTTP server plans here too."""
+        engine = self.scheduler.engine
+        try:
+            # A job that downloads nothing never waits behind downloads; one that does is checked first, then
+            # waits for a download thread.
+            pool = self.planning
+            if needs_download(raw_input):
+                await self._before(deadline, "reading the input", pool, check_all_but_prefix, raw_input, self.limits)
+                pool = self.downloads
+            job = await self._before(deadline, "reading the input", pool, parse_job, raw_input, self.limits)
+            # Planning (tokenising, the voice prefix's Mimi encode) happens here, off the scheduler's thread.
+            request = to_generation_request(job, engine.max_delay, job_id)
+            return job, await self._before(deadline, "planning", self.planning, engine.prepare, request)
+        except GenerationParamError as exc:
+            raise JobInputError(job_field(exc.param), exc.message) from None
+
+    async def _before(self, deadline: float | None, phase: str, pool: Executor, call, *args) -> T:
+        """`call(*args)` on `pool`, given up (left to finish on its own) once the job's deadline passes."""
+        future = asyncio.wrap_future(pool.submit(call, *args))
+        try:
+            return await _until(deadline, future)
+        except TimeoutError:
+            raise PhaseTimeout(phase) from None
+
     async def _generate(self, job_id: str, job: JobRequest, plan: GenerationPlan,
-                        received_at: float) -> AsyncIterator[dict]:
+                        received_at: float, deadline: float | None) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        deadline = None if self.settings.job_timeout_s is None else time.monotonic() + self.settings.job_timeout_s
         ticket = self.scheduler.submit(plan, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
                                        deadline)
         stream = _AudioStream(job, self.sample_rate)
         ttfa_ms = None
+        output_bytes = 0  # of the aggregated output so far
         try:
             while True:
-                out = await outputs.get()
+                try:
+                    out = await _until(deadline, outputs.get())
+                except TimeoutError:  # the scheduler only looks at a waiting job's deadline when a slot frees
+                    phase = "generating" if ticket.started_at is not None else "it waited for a slot"
+                    out = JobTimeout(f"the job's time limit passed while {phase}")
                 if isinstance(out, BaseException):
-                    yield {"error": _failure(out)}
+                    yield error_item(_failure(out, job_id))
                     return
                 items = stream.add(out)
                 if ttfa_ms is None and stream.samples:
                     ttfa_ms = (time.monotonic() - received_at) * 1000
                 for item in items:
+                    output_bytes += _json_size(item)
                     yield item
                 if out.finished:
                     break
@@ -115,6 +175,7 @@ class JobRunner:
             ticket.cancel()  # no-op once finished; frees the slot if the job was cancelled or failed here
         generate_ms = (time.monotonic() - (ticket.started_at or received_at)) * 1000
         for item in stream.finish():
+            output_bytes += _json_size(item)
             yield item
         data = encode_file(job.output.format, bytes(stream.pcm), self.sample_rate)
         duration_s = stream.samples / self.sample_rate
@@ -123,36 +184,107 @@ class JobRunner:
             generate_ms=generate_ms, rtf=generate_ms / 1000 / duration_s if duration_s else 0.0,
             frames=stream.frames,
         )
-        yield await asyncio.to_thread(self._store, job_id, job, data, duration_s, stream.timestamps,
-                                      plan.params.seed, metrics)
+        fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in stream.timestamps],
+                      seed=plan.params.seed, metrics=metrics)
+        yield await self.keeper.keep(job_id, job, data, fields, deadline,
+                                     room=self.settings.max_output_bytes - output_bytes)
 
-    def _store(self, job_id: str, job: JobRequest, data: bytes, duration_s: float,
-               timestamps: list[tuple[str, float]], seed: int, metrics: JobMetrics) -> dict:
-        """Upload (after spooling to local disk when the storage is remote) and build the result, or the
-        inline fallback, or the error that says where the audio is."""
+
+class Keeper:
+    """Puts finished audio where the client can get it: the storage, else inline in the result, else the
+    spool directory, named in the error. Uploads run on a bounded pool of their own."""
+
+    def __init__(self, storage: Storage, settings: RunnerSettings) -> None:
+        self.storage, self.settings = storage, settings
+        self.uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dia2-upload")
+
+    async def keep(self, job_id: str, job: JobRequest, data: bytes, fields: dict, deadline: float | None,
+                   room: int | None = None) -> dict:
+        """The result with the stored file's URL; when the upload fails or runs out of time, the result with
+        the file inline if it fits (INLINE_AUDIO_MAX_BYTES, and `room`: bytes the job's output may still
+        grow by), else an error naming the spool file that holds it. Never raises."""
+        tag = {"job_id": job_id}
         audio_format = FORMATS[job.output.format]
-        key = self.storage.key_for(job_id, job.output.key_prefix, audio_format.extension)
-        spool = None if isinstance(self.storage, LocalStorage) else self.settings.spool_dir / key
-        if spool is not None:
-            spool.parent.mkdir(parents=True, exist_ok=True)
-            spool.write_bytes(data)
-        fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in timestamps], seed=seed, metrics=metrics)
         try:
-            stored = self.storage.put(key, data, content_type=audio_format.content_type,
-                                      presign_expiry_s=job.output.presign_expiry_s)
+            key = self.storage.key_for(job_id, job.output.key_prefix, audio_format.extension)
+        except ValueError:
+            log.exception("no object key for this job", extra=tag)
+            key, why = None, "no object key could be made"
+        else:
+            stored, why = await self._upload(key, data, audio_format.content_type, job.output.presign_expiry_s,
+                                             deadline, tag)
+            if stored is not None:
+                return result_item(audio_url=stored.url, bucket=stored.bucket, key=stored.key, sha256=stored.sha256,
+                                   **fields)
+        sha256 = hashlib.sha256(data).hexdigest()
+        inline = result_item(audio_url=None, bucket=None, key=None, sha256=sha256, storage_error=why,
+                             audio_base64=base64.b64encode(data).decode("ascii"), **fields)
+        fits = room is None or _json_size(inline) <= room
+        if len(data) <= self.settings.inline_audio_max_bytes and fits:
+            log.warning("%s; the audio is returned inline", why, extra=tag)
+            return inline
+        ceiling = (f"the {self.settings.inline_audio_max_bytes}-byte inline limit (INLINE_AUDIO_MAX_BYTES)" if fits
+                   else f"the room left in the job's output (at most {self.settings.max_output_bytes} bytes, "
+                        "RunPod's payload limit, and the streamed audio is already in it)")
+        too_large = f"{why}, and at {len(data)} bytes the audio is larger than {ceiling}"
+        spool = self.settings.spool_dir.joinpath(*(key or f"{sha256}{audio_format.extension}").split("/"))
+        try:
+            await asyncio.to_thread(self._spool, spool, data)
+        except Exception:
+            log.exception("spool copy %s could not be written", spool, extra=tag)
+            return error_item(f"{too_large}; no copy could be kept on the worker either, so the audio "
+                              f"(sha256 {sha256}) is lost")
+        log.warning("%s; the audio was written to %s", too_large, spool, extra=tag)
+        return error_item(f"{too_large}; it was written to {spool} on the worker (sha256 {sha256})")
+
+    async def _upload(self, key: str, data: bytes, content_type: str, presign_expiry_s: int | None,
+                      deadline: float | None, tag: dict) -> tuple[StoredObject | None, str]:
+        """The stored object, or None and why not (for the client: no worker details; those are logged)."""
+        budget, limit = self.settings.upload_timeout_s, "UPLOAD_TIMEOUT_S"
+        if deadline is not None and deadline - time.monotonic() < budget:
+            budget, limit = deadline - time.monotonic(), "JOB_TIMEOUT_S"
+        if budget <= 0:
+            return None, "the job's time limit passed before the upload (JOB_TIMEOUT_S)"
+        put = self.uploads.submit(self.storage.put, key, data, content_type=content_type,
+                                  presign_expiry_s=presign_expiry_s,
+                                  deadline=time.monotonic() + budget)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(put), budget), ""
         except StorageError as exc:
-            log.error("%s", exc, extra={"job_id": job_id})
-            if len(data) <= self.settings.inline_audio_max_bytes:
-                return result_item(audio_url=None, bucket=None, key=key, sha256=hashlib.sha256(data).hexdigest(),
-                                   audio_base64=base64.b64encode(data).decode("ascii"), **fields)
-            where = f"it was written to {spool} on the worker" if spool else "no copy could be written"
-            return {"error": f"the audio could not be stored ({exc}) and at {len(data)} bytes it is larger than "
-                             f"the {self.settings.inline_audio_max_bytes}-byte inline limit "
-                             f"(INLINE_AUDIO_MAX_BYTES); {where}"}
-        if spool is not None:
-            spool.unlink(missing_ok=True)
-        return result_item(audio_url=stored.url, bucket=stored.bucket, key=stored.key, sha256=stored.sha256,
-                           **fields)
+            log.error("%s", exc, extra=tag)
+            return None, f"the upload failed after {exc.attempts} attempt{'s' * (exc.attempts > 1)}"
+        except TimeoutError:
+            log.error("upload of %s not finished within %g s (%s)", key, budget, limit, extra=tag)
+            return None, f"the upload did not finish in time ({limit})"
+        except Exception:
+            log.exception("upload of %s failed", key, extra=tag)
+            return None, "the upload failed"
+
+    def _spool(self, path: Path, data: bytes) -> None:
+        """Write the spool copy, first deleting the oldest ones so the spool stays within SPOOL_MAX_BYTES."""
+        root = self.settings.spool_dir
+        kept = [(f.stat(), f) for f in root.rglob("*") if f.is_file()] if root.is_dir() else []
+        total = len(data) + sum(stat.st_size for stat, _ in kept)
+        for stat, old in sorted(kept, key=lambda item: item[0].st_mtime):
+            if total <= self.settings.spool_max_bytes:
+                break
+            old.unlink(missing_ok=True)
+            log.warning("spool over SPOOL_MAX_BYTES: deleted its oldest copy, %s", old)
+            total -= stat.st_size
+        if total > self.settings.spool_max_bytes:
+            raise OSError(f"{len(data)} bytes do not fit the {self.settings.spool_max_bytes}-byte spool")
+        write_atomically(path, data)
+
+
+def _json_size(item: dict) -> int:
+    return len(json.dumps(item))
+
+
+async def _until(deadline: float | None, awaitable: Awaitable[T]) -> T:
+    """Await, raising TimeoutError once `deadline` (time.monotonic()) has passed."""
+    if deadline is None:
+        return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
 
 
 class _AudioStream:
@@ -205,10 +337,11 @@ def _job_error(exc: GenerationParamError) -> str:
     return str(JobInputError(job_field(exc.param), exc.message))
 
 
-def _failure(exc: BaseException) -> str:
+def _failure(exc: BaseException, job_id: str) -> str:
+    """What the client is told about a failed generation; the details go to the worker's log."""
     if isinstance(exc, GenerationParamError):
         return _job_error(exc)
     if isinstance(exc, JobTimeout):
         return f"timeout: {exc} (JOB_TIMEOUT_S)"
-    log.error("generation failed", exc_info=exc)
-    return f"generation failed: {type(exc).__name__}: {exc}"
+    log.error("generation failed", exc_info=exc, extra={"job_id": job_id})
+    return f"generation failed on the worker (logged under job id {job_id})"

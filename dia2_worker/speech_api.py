@@ -1,6 +1,6 @@
 """OpenAI's speech API (`POST /v1/audio/speech`) over the worker's scheduler, for RunPod load-balancing endpoints.
 
-A request is validated exactly as a queue job is (`runner.plan_job`: the same field names, limits and
+A request is validated exactly as a queue job is (`JobRunner.plan`: the same field names, limits and
 messages), then generated on the same scheduler and slots, and its audio streams out as it is decoded: the
 first bytes leave with the first frame. The server admits as many requests as there are slots plus a short
 wait line (MAX_WAITING); past that it answers 429 at once. A client that goes away cancels its generation,
@@ -233,17 +233,20 @@ class SpeechApi:
 
     async def _start(self, service, speech: SpeechRequest) -> Response:
         """Plan (off the event loop), submit, and answer with the stream; a refused input is a 400."""
-        from .runner import plan_job
+        from .runner import PhaseTimeout
 
         runner = service.runner
+        request_id = uuid.uuid4().hex
+        deadline = runner.deadline(time.monotonic())
         try:
-            _, plan = await asyncio.to_thread(plan_job, service.scheduler.engine, speech.job, runner.limits)
+            _, plan = await runner.plan(request_id, speech.job, deadline)
         except JobInputError as exc:
             param = "input" if exc.field == "text" else exc.field
             raise _invalid(param, str(exc).removeprefix(f"{exc.field}: ")) from None
-        request_id = uuid.uuid4().hex
-        timeout = service.settings.job_timeout_s
-        generation = _Generation(service.scheduler, plan, None if timeout is None else time.monotonic() + timeout)
+        except PhaseTimeout as exc:
+            raise ApiError(504, f"timeout: the request's time limit passed while {exc} (JOB_TIMEOUT_S)",
+                           kind="server_error") from None
+        generation = _Generation(service.scheduler, plan, deadline)
         encoder = StreamEncoder(speech.response_format, runner.sample_rate)
         headers = {"X-Request-Id": request_id, "X-Seed": str(plan.params.seed)}
         log.info("request %s: %s, %s stream, seed %d", request_id, speech.response_format, speech.stream_format,

@@ -317,12 +317,14 @@ class Storage(ABC):
         return validate_key(f"{prefix}/{job_id}{suffix}" if prefix else f"{job_id}{suffix}")
 
     def put(
-        self, key: str, data: bytes, *, content_type: str = "audio/wav", presign_expiry_s: int | None = None
+        self, key: str, data: bytes, *, content_type: str = "audio/wav", presign_expiry_s: int | None = None,
+        deadline: float | None = None,
     ) -> StoredObject:
         """Store `data` under `key` (overwriting other bytes there) and say where it is.
 
         `presign_expiry_s` (default PRESIGN_EXPIRY_S) is the presigned URL's lifetime; local
-        file URLs do not expire. Raises ValueError for a bad key or expiry, StorageError when
+        file URLs do not expire. No attempt starts after `deadline` (on time.monotonic()), and a
+        backoff never sleeps past it. Raises ValueError for a bad key or expiry, StorageError when
         storing fails.
         """
         validate_key(key)
@@ -331,10 +333,11 @@ class Storage(ABC):
             raise ValueError(
                 f"presign_expiry_s: must be an integer between 1 and {MAX_PRESIGN_EXPIRY_S}, got {expiry!r}"
             )
-        return self._store(key, data, hashlib.sha256(data).digest(), content_type, expiry)
+        return self._store(key, data, hashlib.sha256(data).digest(), content_type, expiry, deadline)
 
     @abstractmethod
-    def _store(self, key: str, data: bytes, sha256: bytes, content_type: str, presign_expiry_s: int) -> StoredObject:
+    def _store(self, key: str, data: bytes, sha256: bytes, content_type: str, presign_expiry_s: int,
+               deadline: float | None) -> StoredObject:
         """Store checked arguments; `sha256` is the digest of `data`."""
 
 
@@ -352,10 +355,11 @@ class LocalStorage(Storage):
         super().__init__(settings)
         self.root = settings.output_dir.absolute()  # file URLs need an absolute path
 
-    def _store(self, key: str, data: bytes, sha256: bytes, content_type: str, presign_expiry_s: int) -> StoredObject:
+    def _store(self, key: str, data: bytes, sha256: bytes, content_type: str, presign_expiry_s: int,
+               deadline: float | None) -> StoredObject:
         path = self.root.joinpath(*key.split("/"))
         try:
-            _write_atomically(path, data)
+            write_atomically(path, data)
         except OSError as error:
             raise StorageError(f"write of {path} failed: {error}", attempts=1, cause=error) from error
         logger.info("stored %s (%d bytes)", path, len(data))
@@ -364,7 +368,7 @@ class LocalStorage(Storage):
         )
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write to a unique temporary file beside `path`, fsync it, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
@@ -486,7 +490,8 @@ class S3Storage(Storage):
             config=config,
         )
 
-    def _store(self, key: str, data: bytes, sha256: bytes, content_type: str, presign_expiry_s: int) -> StoredObject:
+    def _store(self, key: str, data: bytes, sha256: bytes, content_type: str, presign_expiry_s: int,
+               deadline: float | None) -> StoredObject:
         location = f"s3://{self.bucket}/{key}"
         expected = _Expected.of(data, sha256, self.settings.multipart_threshold_bytes)
         started = time.monotonic()
@@ -496,12 +501,14 @@ class S3Storage(Storage):
                 uploaded = self._attempt(key, data, expected, content_type)
                 break
             except Exception as error:
-                if attempt >= self.settings.max_attempts or not _retryable(error):
-                    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
-                    message = f"upload of {location} failed after {tries}: {_describe(error)}"
-                    raise StorageError(message, attempts=attempt, cause=error) from error
                 cap = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
                 delay = random.uniform(0, cap)
+                late = deadline is not None and time.monotonic() + delay >= deadline
+                if attempt >= self.settings.max_attempts or not _retryable(error) or late:
+                    tries = f"{attempt} attempt{'s' if attempt > 1 else ''}"
+                    stopped = ", out of time" if late and attempt < self.settings.max_attempts else ""
+                    message = f"upload of {location} failed after {tries}{stopped}: {_describe(error)}"
+                    raise StorageError(message, attempts=attempt, cause=error) from error
                 logger.warning(
                     "upload of %s failed (attempt %d of %d), retrying in %.2f s: %s",
                     location, attempt, self.settings.max_attempts, delay, _describe(error),
@@ -537,8 +544,16 @@ class S3Storage(Storage):
         stored = self._head(key)
         problem = "object not found" if stored is None else expected.mismatch(stored)
         if problem is not None:
+            self._delete(key)
             raise _IntegrityError(f"stored object does not match the upload: {problem}")
         return True
+
+    def _delete(self, key: str) -> None:
+        """Remove an object that failed verification, so no URL or later reader can get its bytes."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as error:
+            logger.error("could not delete the corrupt object s3://%s/%s: %s", self.bucket, key, _describe(error))
 
     def _put_multipart(self, key: str, data: bytes, expected: _Expected, content_type: str) -> None:
         """Upload the parts in order; on any failure abort, so the bucket keeps no orphan parts."""

@@ -49,12 +49,25 @@ class WorkerSettings:
     """JOB_TIMEOUT_S: stop a job not finished this long after it arrived, queueing included (default: none)."""
     inline_audio_max_bytes: int
     """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline when the upload fails for good (8 MiB)."""
+    upload_timeout_s: float
+    """UPLOAD_TIMEOUT_S: most time one job's upload may take, retries included (60 s)."""
+    spool_max_bytes: int
+    """SPOOL_MAX_BYTES: most disk the spool of un-uploadable WAVs takes, oldest deleted first (2 GiB)."""
     log_level: str
     """LOG_LEVEL: DEBUG, INFO (default), WARNING, ERROR."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
+        """The settings, each variable checked: a mistake raises WorkerConfigError naming the variable."""
+        from . import cli
+
         device = env.get("DEVICE") or _default_device()
+        model_dir = Path(env.get("MODEL_DIR") or "/models/dia2")
+        try:
+            cli.device(device, "DEVICE")
+            cli.model_dir(model_dir, "MODEL_DIR")
+        except cli.UsageError as exc:
+            raise WorkerConfigError(str(exc)) from None
         dtype = env.get("DTYPE") or ("bfloat16" if device.startswith("cuda") else "float32")
         if dtype not in ("float32", "bfloat16"):
             raise WorkerConfigError(f"DTYPE: must be float32 or bfloat16, got {dtype!r}")
@@ -62,7 +75,7 @@ class WorkerSettings:
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise WorkerConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
         return cls(
-            model_dir=Path(env.get("MODEL_DIR") or "/models/dia2"),
+            model_dir=model_dir,
             device=device,
             dtype=dtype,
             slots=env_number(env, "SLOTS", int, Range(1, MAX_SLOTS), None),
@@ -72,6 +85,8 @@ class WorkerSettings:
             job_timeout_s=env_number(env, "JOB_TIMEOUT_S", float, Range(1.0, 86400.0), None),
             inline_audio_max_bytes=env_number(env, "INLINE_AUDIO_MAX_BYTES", int, Range(0, 64 * 1024 * 1024),
                                               8 * 1024 * 1024),
+            upload_timeout_s=env_number(env, "UPLOAD_TIMEOUT_S", float, Range(1.0, 3600.0), 60.0),
+            spool_max_bytes=env_number(env, "SPOOL_MAX_BYTES", int, Range(0), 2 * 1024**3),
             log_level=log_level,
         )
 
@@ -120,7 +135,8 @@ class WorkerService:
         service = cls.serving(engine, env, settings, limits, storage_future.result, storage_settings.output_dir)
         with PHASES.phase("warm-up"):
             service.warm_up()
-        log.info("ready in %.2f s: %s on %s (%s), %d slots, concurrency %d", time.monotonic() - started,
+        log.info("ready %.2f s after the process started (loading took %.2f s): %s on %s (%s), %d slots, "
+                 "concurrency %d", PHASES.now(), time.monotonic() - started,
                  settings.model_dir, settings.device, settings.dtype, service.scheduler.slots, service.max_concurrency)
         return service
 
@@ -154,6 +170,8 @@ class WorkerService:
             inline_audio_max_bytes=settings.inline_audio_max_bytes,
             spool_dir=output_dir / "spool",
             job_timeout_s=settings.job_timeout_s,
+            upload_timeout_s=settings.upload_timeout_s,
+            spool_max_bytes=settings.spool_max_bytes,
         ))
         return cls(settings, runner, scheduler)
 

@@ -190,11 +190,14 @@ class ControlPlane:
 
     def submit(self, job_input: Any, job_id: str | None = None) -> str:
         """Queue a job; job-takes hand jobs out in submission order."""
-        job_id = job_id or f"job-{next(self._job_numbers)}"
+        return self.submit_job({"id": job_id or f"job-{next(self._job_numbers)}", "input": job_input})
+
+    def submit_job(self, job: dict[str, Any]) -> str:
+        """Queue a job object as given, even one the platform's API would not build (no "input")."""
         with self._cond:
-            self._queue.append({"id": job_id, "input": job_input})
+            self._queue.append(job)
             self._cond.notify_all()
-        return job_id
+        return job["id"]
 
     def stop(self, job_id: str) -> None:
         """Queue a stop signal for the job-stop channel (what a /cancel does on the platform)."""

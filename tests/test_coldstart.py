@@ -29,6 +29,7 @@ def test_coldstart_accounts_for_every_phase_and_the_baseline(demo_model: Path, t
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "speed-up over the naive start" in result.stdout
+    assert "run 1 of 1: fast start..." in result.stderr  # progress while each worker process runs
     report = json.loads(report_path.read_text())
     fast, naive = report["runs"]["fast"][0], report["runs"]["baseline"][0]
     phases = {p["phase"]: p for p in fast["phases"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_text_file_seed_and_human_summary(tiny_dir, tmp_path):
     for out in outs:
         result = generate("--model-dir", str(tiny_dir), "--text-file", str(script), "--out", str(out), "--seed", "7")
         assert result.returncode == 0 and "seed 7" in result.stderr and not result.stdout
+        assert "generating:" not in result.stderr  # progress only on a terminal
     assert outs[0].read_bytes() == outs[1].read_bytes()
 
 
@@ -67,3 +69,27 @@ def test_bad_values_name_the_flag(tiny_dir, tmp_path):
     result = generate("--model-dir", str(tiny_dir), "--text", "  ", "--out", out)
     assert result.returncode == 2 and "--text: must not be empty" in result.stderr
     assert not Path(out).exists()
+
+
+def test_progress_shows_on_a_terminal(tiny_dir, tmp_path):
+    import pty
+
+    args = ["--model-dir", str(tiny_dir), "--text", "[S1] Hello there.", "--seed", "1",
+            "--out", str(tmp_path / "o.wav")]
+    primary, secondary = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "dia2_worker.generate", *args], cwd=ROOT, stderr=secondary,
+                          stdout=subprocess.DEVNULL) as process:
+        os.close(secondary)
+        shown = b""
+        while chunk := _read(primary):
+            shown += chunk
+    os.close(primary)
+    assert process.returncode == 0
+    assert b"\rgenerating: 1 frames, 0.1 s of audio\rgenerating: 2 frames" in shown
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # the terminal closed with the process
+        return b""

@@ -28,11 +28,13 @@ import soundfile as sf
 
 from dia2_worker.env import WorkerConfigError
 from dia2_worker.jobs import (
+    MAX_ERROR_CHARS,
     JobInputError,
     JobMetrics,
     OutputSpec,
     WorkerLimits,
     audio_item,
+    error_item,
     fetch_audio,
     parse_job,
     progress_item,
@@ -182,6 +184,28 @@ def test_unknown_fields_are_named(raw: dict[str, Any], field: str, names: str) -
     refused(raw, field, names)
 
 
+@pytest.mark.parametrize("name", ["x\nERROR | job-999 | forged line", "\x1b[31mred\x1b[0m", "tab\there\r"])
+def test_unknown_field_names_are_escaped(name: str) -> None:
+    with pytest.raises(JobInputError) as caught:
+        parse_job({"text": TEXT, name: 1}, DEFAULTS)
+    message = error_item(str(caught.value))["error"]
+    assert json.dumps(name)[1:8] in message  # shown as a JSON string, escapes and all
+    assert not any(ord(char) < 32 or 127 <= ord(char) < 160 for char in message)
+
+
+def test_errors_stay_small_whatever_was_sent() -> None:
+    junk = {f"{n:07d}" + "k" * 100: 1 for n in range(100_000)}  # about 11 MB of unknown names
+    with pytest.raises(JobInputError) as caught:
+        parse_job({"text": TEXT, **junk}, DEFAULTS)
+    assert "and 99995 more" in str(caught.value) and len(str(caught.value)) < 1000
+    long_name = error_item(str(JobInputError("x" * 10_000_000, "unknown field")))["error"]
+    assert len(long_name) <= MAX_ERROR_CHARS and long_name.endswith("(10000015 characters)")
+
+
+def test_error_item_escapes_every_control_character() -> None:
+    assert error_item("a\nb\x1b[0m\r\x85") == {"error": "a\\nb\\u001b[0m\\r\\u0085"}
+
+
 @pytest.mark.parametrize(
     ("raw", "field"),
     [
@@ -297,6 +321,22 @@ def test_text_refuses_control_characters(char: str) -> None:
     refused({"text": f"[S1] hi{char} there"}, "text", f"U+{ord(char):04X} at index 7", "only newline and tab")
 
 
+@pytest.mark.parametrize("text", ['[S1] <break time="1s"/>', '<break time="0.5s"/> [S2] <break time="2s"/>',
+                                  "[S1] \u200b\u200d\u2060", "\ufeff\u200e [S2] \u00ad"])
+def test_text_must_hold_words_to_speak(text: str) -> None:
+    refused({"text": text}, "text", "must contain words to speak")
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u202a", "\u2066", "\u2069"])
+def test_text_refuses_bidi_overrides(char: str) -> None:
+    refused({"text": f"[S1] hi{char} there"}, "text", f"bidirectional", f"U+{ord(char):04X} at index 7")
+
+
+def test_text_keeps_words_beside_tags_and_invisible_characters() -> None:
+    text = '[S1] <break time="1s"/> caf\u00e9\u200b [S2] \u4f60\u597d'
+    assert parse_job({"text": text}, DEFAULTS).text == text
+
+
 def test_text_keeps_newlines_and_tabs() -> None:
     text = "[S1] Hi there.\r\n[S2]\tHello!"
     assert parse_job({"text": text}, DEFAULTS).text == text
@@ -403,6 +443,46 @@ def test_audio_duration_is_capped() -> None:
 )
 def test_unusable_audio_is_refused(data: bytes, fragment: str) -> None:
     refused(with_prefix({"audio_base64": b64(data), "words": WORDS}), "prefix.speaker_1.audio_base64", fragment)
+
+
+def float_wav(samples: list[float]) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, np.array(samples * 2400, dtype=np.float32), 24_000, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def flac_without_length(seconds: float) -> bytes:
+    """A FLAC whose STREAMINFO says "total samples unknown" (0), as streaming encoders write it."""
+    data = bytearray(audio_file(seconds, file_format="FLAC"))
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first
+    data[21] &= 0xF0  # the 36-bit total starts in the low nibble of byte 8 + 13
+    data[22:26] = bytes(4)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_samples_that_are_not_finite_are_refused(value: float) -> None:
+    speaker = {"audio_base64": b64(float_wav([0.1, value, 0.2])), "words": WORDS}
+    refused(with_prefix(speaker), "prefix.speaker_1.audio_base64", "contains samples that are NaN or infinite")
+
+
+def test_a_flac_without_a_stated_length_is_refused() -> None:
+    message = refused(with_prefix({"audio_base64": b64(flac_without_length(1.0)), "words": WORDS}),
+                      "prefix.speaker_1.audio_base64", "does not state its length")
+    assert "1152921504606847" not in message
+
+
+def test_a_truncated_wav_is_refused() -> None:
+    wav = audio_file(3.12)
+    cut = wav[: len(wav) - round((3.12 - 0.21) * 24_000) * 2]  # 16-bit mono: 2 bytes a frame
+    refused(with_prefix({"audio_base64": b64(cut), "words": [["hi", 0.0, 0.1]]}), "prefix.speaker_1.audio_base64",
+            "is a truncated WAV file: its header says 3.12 s but the file holds 0.21 s")
+
+
+def test_undecodable_audio_errors_show_no_worker_internals() -> None:
+    message = refused(with_prefix({"audio_base64": b64(b"this is not audio at all"), "words": WORDS}),
+                      "prefix.speaker_1.audio_base64", "Format not recognised")
+    assert "0x" not in message and "BytesIO" not in message
 
 
 # Words

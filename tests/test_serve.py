@@ -105,7 +105,7 @@ def server(tiny_dir: Path, voices: Path, tmp_path_factory: pytest.TempPathFactor
     running = Server(env, tmp_path_factory.mktemp("log") / "server.log")
     pings = [httpx.get(f"{running.url}/ping", timeout=TIMEOUT).status_code]
     (model / "config.json").write_text(json.dumps(config))  # blocks until the loader opens the pipe
-    running.wait_line(r"ready in")
+    running.wait_line(r"ready [0-9.]+ s after the process started")
     pings.append(httpx.get(f"{running.url}/ping", timeout=TIMEOUT).status_code)
     try:
         yield running, pings
@@ -346,7 +346,7 @@ def test_the_queue_worker_never_imports_the_web_stack(tiny_dir: Path, tmp_path: 
 
 
 @pytest.mark.parametrize(("command", "env", "message"), [
-    (["handler.py"], {"SERVE_MODE": "grpc"}, "error: SERVE_MODE: must be queue (the default) or http, got 'grpc'"),
+    (["handler.py"], {"SERVE_MODE": "grpc"}, "handler.py: error: SERVE_MODE: must be queue (the default) or http, got 'grpc'"),
     (["-m", "dia2_worker.serve"], {"PORT": "http"}, "error: PORT: must be an integer between 0 and 65535"),
     (["-m", "dia2_worker.serve"], {"VOICES_DIR": "/nonexistent"}, "error: VOICES_DIR: /nonexistent is not a"),
     (["-m", "dia2_worker.serve"], {"MAX_WAITING": "-1"}, "error: MAX_WAITING: must be an integer"),

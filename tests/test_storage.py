@@ -336,6 +336,26 @@ def test_persistent_corruption_fails_with_the_reason(storage: Storage, proxy: Fa
     assert f"is not the MD5 of the bytes sent, {hashlib.md5(data).hexdigest()}" in str(caught.value)
 
 
+def test_a_corrupt_object_is_deleted_when_verification_fails(
+    storage: Storage, proxy: FaultProxy, moto: MotoServer, bucket: str
+) -> None:
+    """A store that does not check Content-MD5 keeps a flipped byte; no reader may get that object."""
+    proxy.inject(Fault("corrupt", "PutObject", times=100))
+    with pytest.raises(StorageError):
+        storage.put("flipped.wav", payload(1000))
+    assert len(proxy.requests("DeleteObject")) == 3  # after each failed verification
+    with pytest.raises(ClientError) as caught:
+        moto.client().head_object(Bucket=bucket, Key="flipped.wav")
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+def test_no_attempt_starts_after_the_deadline(storage: Storage, proxy: FaultProxy) -> None:
+    proxy.inject(Fault("error", "PutObject", status=503, times=100))
+    with pytest.raises(StorageError, match="failed after 1 attempt, out of time"):
+        storage.put("late.wav", payload(1000), deadline=time.monotonic())
+    assert len(proxy.requests("PutObject")) == 1
+
+
 def test_an_object_claiming_our_sha256_but_holding_other_bytes_is_replaced(
     storage: Storage, proxy: FaultProxy, moto: MotoServer, bucket: str
 ) -> None:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def outputs(plane: ControlPlane, job_id: str) -> tuple[dict, list[dict]]:
 def test_jobs_stream_upload_and_fail_cleanly(plane: ControlPlane, worker, moto: MotoServer,
                                               tiny_dir: Path, tmp_path: Path) -> None:
     bucket = moto.create_bucket()
-    worker(worker_env(tiny_dir, tmp_path / "out", bucket_env(moto.endpoint_url, bucket), SLOTS="1"))
+    started = worker(worker_env(tiny_dir, tmp_path / "out", bucket_env(moto.endpoint_url, bucket), SLOTS="1"))
     good = plane.submit(TEST_INPUT)
     bad_type = plane.submit({**TEST_INPUT, "temperature": "hot"})
     unknown = plane.submit({**TEST_INPUT, "speed": 2})
@@ -124,6 +125,11 @@ def test_jobs_stream_upload_and_fail_cleanly(plane: ControlPlane, worker, moto: 
     assert error.startswith("text: the text needs at least") and "the limit is 160 frames" in error
     error = plane.wait_result(too_short, JOB_TIMEOUT).body["error"]
     assert error.startswith("max_duration_s: the text needs at least") and "the limit is 16 frames (1.3 s)" in error
+
+    # The ready line counts from the process's start, as the cold-start tool does: the interpreter and the
+    # imports before loading began are in it.
+    ready = re.search(r"ready (\d+\.\d+) s after the process started \(loading took (\d+\.\d+) s\)", started.log())
+    assert ready and float(ready[1]) > float(ready[2]), started.log()
 
     quiet_result, quiet_items = outputs(plane, quiet)
     assert not audio_items(quiet_items) and {i["type"] for i in quiet_items} >= {"progress", "result"}
@@ -185,7 +191,11 @@ def test_sixteen_concurrent_jobs_complete_like_jobs_run_alone(plane: ControlPlan
         job_input = {"text": scripts[n % 4], "seed": n, "temperature": [0.0, 0.8][n % 2], "top_k": 10 + n,
                      "cfg_scale": [1.0, 2.0, 3.0][n % 3], "chunk_ms": 160 * (1 + n % 3), "max_duration_s": 8}
         jobs[plane.submit(job_input)] = job_input
+    # Taken in a batch (concurrency above 1), a job without "input" reaches the worker, which answers it; the
+    # SDK's single-job take drops it unanswered (README, "Job input").
+    no_input = plane.submit_job({"id": "no-input"})
     concurrent = {job_id: outputs(plane, job_id) for job_id in jobs}
+    assert plane.wait_result(no_input, JOB_TIMEOUT).body == {"error": "input: must be a JSON object, got null"}
     for job_id, (result, items) in concurrent.items():
         assert "error" not in result, result
         check_stored_result(items[-1], items, moto)

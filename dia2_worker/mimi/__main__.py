@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from .. import cli
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -59,7 +61,8 @@ def _decode(args: argparse.Namespace) -> str:
     if codes.ndim != 3 or codes.shape[0] != 1 or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"{args.codes}: expected integer codes [K, T] or [1, K, T], got {codes.dtype} "
                          f"{list(codes.shape)}")
-    codec = load_mimi(args.mimi_dir, args.device, getattr(torch, args.dtype))
+    codec = load_mimi(cli.mimi_dir(args.mimi_dir, "--mimi-dir"), cli.device(args.device, "--device"),
+                      getattr(torch, args.dtype))
     wave = codec.decode(torch.from_numpy(codes.astype(np.int64)))[0, 0].float().cpu().numpy()
     if suffix == ".npy":
         np.save(args.out, wave)
@@ -75,8 +78,9 @@ def _encode(args: argparse.Namespace) -> str:
     from .. import audio
     from .codec import load_mimi
 
-    samples, rate = audio.read_audio(args.audio)
-    codec = load_mimi(args.mimi_dir, args.device, getattr(torch, args.dtype))
+    samples, rate = audio.read_audio(cli.existing_file(args.audio, "--audio"))  # a truncated WAV is refused
+    codec = load_mimi(cli.mimi_dir(args.mimi_dir, "--mimi-dir"), cli.device(args.device, "--device"),
+                      getattr(torch, args.dtype))
     wave = audio.resample(audio.to_mono(samples), rate, codec.sample_rate)
     codes = codec.encode(wave.view(1, 1, -1), args.num_codebooks)[0].cpu().numpy().astype(np.int64)
     np.save(args.out, codes)
@@ -103,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         print({"decode": _decode, "encode": _encode, "bench": _bench}[args.command](args))
-    except (ValueError, OSError, SoundFileError) as exc:
+    except (ValueError, OSError, SoundFileError, cli.UsageError) as exc:
+        if cli.debugging():
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
