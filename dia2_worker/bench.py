@@ -406,6 +406,101 @@ def run(shape: str, device: str | torch.device, modes: list[str] | None = None, 
     }
 
 
+KERNEL_FRAMES = 2
+"""Frames counted (after as many warm-up frames); the count is the same every frame."""
+KERNEL_STATE_FRAMES = 32
+"""Buffer frames of the state the count steps: the count does not depend on the cache length, and a short
+cache keeps batch 64 of the 2B shape within a CPU host's memory."""
+
+
+def frame_call(engine: Dia2Engine, batch: int, seed: int) -> Callable[[], object]:
+    """One serving frame for `batch` generations (default sampling settings, CFG on): the step of every row,
+    then one streaming Mimi decode call for all of them."""
+    base = engine.prepare(GenerationRequest(SCRIPT, GenerationParams(seed=seed)))
+    state = engine.new_state(batch, KERNEL_STATE_FRAMES, *base.text.capacity)
+    for row in range(batch):
+        plan = engine.prepare(GenerationRequest(SCRIPT, GenerationParams(seed=seed + row)))
+        engine.start(state, row, replace(plan, buffer_length=KERNEL_STATE_FRAMES))
+    codec = engine.codec
+    decoder = codec.streaming_decoder(batch)
+    active = torch.ones(batch, dtype=torch.bool, device=engine.device)
+
+    def frame() -> torch.Tensor:
+        with torch.inference_mode():
+            out = engine.step(state, kv_len=state.length)
+            codes = out.frame_tokens.clamp(max=codec.codebook_size - 1).unsqueeze(-1)
+            return decoder.step(codes, active).flatten(1).float()
+
+    return frame
+
+
+def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int) -> dict[str, Any]:
+    """Kernels per serving frame by region (see dia2_worker.kernels for how they are counted)."""
+    from . import kernels
+
+    with kernels.gpu_code_path():
+        frame = frame_call(engine, batch, seed)
+        for _ in range(KERNEL_FRAMES):
+            frame()
+        graph_total = None
+        if engine.device.type == "cuda":
+            counts: dict[str, int] = {}
+            for _ in range(KERNEL_FRAMES):
+                for region, count in kernels.count_cuda_kernels(frame).items():
+                    counts[region] = counts.get(region, 0) + count
+            replay, _ = capture(frame)
+            graph_total = kernels.count_graph_kernels(replay)
+            host_syncs = None
+        else:
+            with kernels.count_operators() as counter:
+                for _ in range(KERNEL_FRAMES):
+                    frame()
+            counts, host_syncs = dict(counter.counts), dict(counter.host_syncs)
+    by_region = {region: counts.get(region, 0) / KERNEL_FRAMES for region in kernels.REGIONS}
+    eager_total = sum(by_region.values())
+    return {
+        "device": device_name(engine.device), "shape": shape, "batch": batch,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "counted": "CUDA kernels (profiler)" if engine.device.type == "cuda" else "leaf operators",
+        "kernels_per_frame": graph_total if graph_total is not None else eager_total,
+        "kernels_by_region": by_region,
+        "eager_kernels_per_frame": eager_total,
+        "host_syncs_per_frame": None if host_syncs is None else sum(host_syncs.values()) / KERNEL_FRAMES,
+    }
+
+
+def run_kernels(shape: str, device: str | torch.device, batches: list[int], seed: int = 0) -> dict[str, Any]:
+    """Kernels per frame of the serving path (bf16, the GPU code path) at each batch size, as a report."""
+    target = torch.device(device)
+    started = time.perf_counter()
+    engine = build_engine(shape, target, torch.bfloat16, seed)
+    results = [kernel_entry(engine, shape, batch, seed) for batch in batches]
+    return {
+        "benchmark": "dia2 kernels per frame",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "shape": shape,
+        "model": {"parameters": parameter_count(engine.config), "weights": f"random, seed {seed}"},
+        "seed": seed,
+        "wall_s": time.perf_counter() - started,
+        "machine": {**machine(target), "cuda": torch.version.cuda, **_git()},
+        "results": results,
+    }
+
+
+def kernel_table(report: dict[str, Any]) -> str:
+    from .kernels import REGIONS
+
+    head = ("batch", "kernels/frame", *REGIONS)
+    lines = [f"{report['shape']} on {report['results'][0]['device']}, bf16, "
+             f"{report['results'][0]['counted']} per frame",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["results"]:
+        row = (str(r["batch"]), f"{r['kernels_per_frame']:.0f}",
+               *(f"{r['kernels_by_region'][region]:.0f}" for region in REGIONS))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def check_modes(device: torch.device, modes: list[str]) -> None:
     if device.type != "cuda" and any(MODES[name].graphs for name in modes):
         raise ValueError("graph mode needs a CUDA device")

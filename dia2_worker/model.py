@@ -21,6 +21,9 @@ from .config import Dia2Config, StackConfig
 
 
 ROWS_PER_GENERATION = 2  # the conditional and unconditional CFG branches
+batch_invariant = True
+"""On the CPU, compute a generation's rows the same alone or in any batch (dense layers one generation at a
+time, the math attention kernel). Off: the GPU code path on any device (the kernel count runs it)."""
 
 
 class Linear(nn.Module):
@@ -32,7 +35,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or x.shape[0] <= ROWS_PER_GENERATION:
+        if x.is_cuda or not batch_invariant or x.shape[0] <= ROWS_PER_GENERATION:
             return F.linear(x, self.weight)
         # On the CPU a matrix product rounds differently with more rows (another code path): one generation's
         # rows at a time, so its tokens are the same alone or in any batch.
@@ -76,7 +79,7 @@ def attention_kernels(x: torch.Tensor) -> ContextManager:
     """On the CPU, attention uses the math kernel: unlike the fused one, what it computes for a row does not
     depend on the other rows or on how many masked cache slots it reads, so a generation's tokens are the
     same alone or in any batch. On a GPU, the fused kernels."""
-    return contextlib.nullcontext() if x.is_cuda else sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext() if x.is_cuda or not batch_invariant else sdpa_kernel([SDPBackend.MATH])
 
 
 def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device) -> torch.Tensor:
