@@ -22,7 +22,7 @@ from .checkpoint import build_model, load_weights
 from .config import Dia2Config
 from .model import Dia2Model, KVCache, rope_tables
 from .params import GenerationParamError, GenerationParams
-from .sampling import SamplingParams, guide, sample, uniform
+from .sampling import DrawSettings, SamplingParams, draw, frame_noise
 from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, normalize_script, parse_script,
                    prefix_entries, text_step)
 
@@ -185,11 +185,12 @@ class Dia2Engine:
         self.ahead = data.second_stream_ahead
         self.delays = torch.tensor(data.delay_pattern, device=device)
         self.uncond_text = torch.tensor([[self.ids.zero, self.ids.pad]], device=device)  # the unconditional branch's text
+        self.banned_cb0 = torch.tensor([data.audio_pad_token_id, data.audio_bos_token_id], device=device)
         self.max_delay = data.max_delay
         self.flush_frames = self.max_delay + MAX_PADDING
         dep = config.model.depformer
         stage_rope = rope_tables(dep.gqa_head_dim, config.model.rope_min_timescale, config.model.rope_max_timescale,
-                                 max(config.num_stages, 1), device)
+                                 max(config.num_stages, 1), device, self.dtype)
         self.stage_ropes = [stage_rope[:, s].view(2, 1, 1, 1, -1) if dep.apply_rope else None
                             for s in range(config.num_stages)]
         self._ropes: dict[int, torch.Tensor] = {}
@@ -390,7 +391,7 @@ class Dia2Engine:
         if length not in self._ropes:
             m, dec = self.config.model, self.config.model.decoder
             self._ropes[length] = rope_tables(dec.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale,
-                                              length, self.device)
+                                              length, self.device, self.dtype)
         return self._ropes[length]
 
     @torch.no_grad()
@@ -418,8 +419,10 @@ class Dia2Engine:
             tokens.unsqueeze(1), self.rope(L)[:, positions].unsqueeze(-2), state.cache, slots, kv_len)
         hidden = hidden[:, 0]
 
-        text_token = sample(guide(action_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k), sp.text_temperature,
-                            sp.text_top_k, uniform(sp.seed, t, 0))
+        action_vocab, audio_vocab = action_logits.shape[-1], cb0_logits.shape[-1]
+        noise = frame_noise(sp.seed, t, 2 + cfg.num_stages, max(action_vocab, audio_vocab))  # every draw of the frame at once
+        text_token = draw(action_logits[:, 0], DrawSettings.of(sp, sp.text_temperature, sp.text_top_k, action_vocab),
+                          noise[:, 0, :action_vocab])
         if host_sync:
             text_token.tolist()
         main, second, word_entry = text_step(state.text, t, text_token, torch.zeros_like(t, dtype=torch.bool), ids,
@@ -429,20 +432,17 @@ class Dia2Engine:
         state.text_tokens.copy_(torch.stack([main, second], dim=1))
 
         write_at = (t + 1).clamp(max=L - 1).unsqueeze(1)
-        guided = guide(cb0_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k)
-        lowest = torch.finfo(guided.dtype).min
-        guided[:, data.audio_pad_token_id] = lowest
-        guided[:, data.audio_bos_token_id] = lowest
-        token = sample(guided, sp.audio_temperature, sp.audio_top_k, uniform(sp.seed, t, 1))
+        token = draw(cb0_logits[:, 0], DrawSettings.of(sp, sp.audio_temperature, sp.audio_top_k, audio_vocab),
+                     noise[:, 1], banned=self.banned_cb0)
         state.audio[:, 0].scatter_(1, write_at, token.unsqueeze(1))
         if host_sync:
             token.tolist()
         main2, second2 = main.repeat_interleave(2), second.repeat_interleave(2)
+        stage = DrawSettings.of(sp, sp.audio_temperature, sp.audio_top_k, self.model.depformer.vocab_limit)
         for s in range(cfg.num_stages):
             logits = self.model.depformer(s, hidden, token.repeat_interleave(2), main2, second2, self.stage_ropes[s],
                                           state.stage_cache)
-            token = sample(guide(logits, sp.cfg_scale, sp.cfg_filter_k), sp.audio_temperature, sp.audio_top_k,
-                           uniform(sp.seed, t, 2 + s))
+            token = draw(logits, stage, noise[:, 2 + s, : logits.shape[-1]])
             state.audio[:, s + 1].scatter_(1, write_at, token.unsqueeze(1))
             if host_sync:
                 token.tolist()

@@ -64,7 +64,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 so bf16 runs keep the statistics exact."""
+    """x * rsqrt(mean(x^2) + eps) * weight, in the model's dtype: the kernel accumulates in float32 itself."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -72,7 +72,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm of several heads at once, each head by its own row of `weight` (broadcast to x)."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+
+
+def stacked_norm_weights(norms: list[tuple[RMSNorm, int]]) -> torch.Tensor:
+    """One weight row per head, for `norm_heads` over heads whose norms are given as (norm, head count)."""
+    return torch.cat([norm.weight.expand(count, -1) for norm, count in norms])
 
 
 def attention_kernels(x: torch.Tensor) -> ContextManager:
@@ -82,20 +92,22 @@ def attention_kernels(x: torch.Tensor) -> ContextManager:
     return contextlib.nullcontext() if x.is_cuda or not batch_invariant else sdpa_kernel([SDPBackend.MATH])
 
 
-def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device) -> torch.Tensor:
-    """cos/sin over cat(angle, angle), angle = pos * (1 / timescale), in float32 as the original tables."""
+def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[2, length, D] tables for `apply_rope`: cos(a) and sin(a) with the first half negated, over
+    a = cat(angle, angle), angle = pos * (1 / timescale); computed in float32 as the original's, then cast."""
     fraction = (2.0 * torch.arange(0, head_dim // 2, device=device)) / head_dim
     inv_timescale = 1.0 / (min_ts * (max_ts / min_ts) ** fraction)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_timescale)
-    angles = torch.cat([angles, angles], dim=-1)
-    return torch.stack([angles.cos(), angles.sin()])  # [2, length, D]
+    sin = angles.sin()
+    return torch.stack([torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)]).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [R, T, H, D]; rope: [2, R, T, 1, D] gathered at each row's positions."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * rope[0] + torch.cat([-x2, x1], dim=-1) * rope[1]).to(x.dtype)
+    """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin, as x * cos + cat(x2, x1) * signed sin (the same bits).
+    x: [..., D]; rope: [2, ..., D] broadcast to x (gathered at each row's positions)."""
+    halves_swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * rope[0] + halves_swapped * rope[1]
 
 
 class MLP(nn.Module):
@@ -158,27 +170,34 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.heads * self.head_dim, cfg.n_embd)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        # q_norm's weight for each query head, then k_norm's for each K/V head: one norm for all (at load).
+        self.register_buffer("qk_norm_weight", torch.empty(self.heads + self.kv_heads, self.head_dim),
+                             persistent=False)
+        self.register_load_state_dict_post_hook(Attention._stack_norm_weights)
+
+    def _stack_norm_weights(self, incompatible_keys) -> None:
+        self.qk_norm_weight = stacked_norm_weights([(self.q_norm, self.heads), (self.k_norm, self.kv_heads)])
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor | None,
                 slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """rows: the cache rows of x's rows (None: all rows, in order); slots [R, T]: where each frame's K/V go;
         mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see `Backbone.forward`)."""
         R, T, _ = x.shape
-        D = self.head_dim
-        q, k, v = self.qkv(x).split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
-        q = apply_rope(self.q_norm(q.view(R, T, self.heads, D)), rope)
-        k = apply_rope(self.k_norm(k.view(R, T, self.kv_heads, D)), rope)
+        D, H = self.head_dim, self.heads
+        qkv = self.qkv(x).view(R, T, H + 2 * self.kv_heads, D)
+        qk = apply_rope(norm_heads(qkv[:, :, : H + self.kv_heads], self.qk_norm_weight, self.q_norm.eps), rope)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + self.kv_heads:]
         index = (torch.arange(R, device=x.device) if rows is None else rows).unsqueeze(1)
         keys, values = cache.keys[layer], cache.values[layer]
         keys[index, :, slots] = k
-        values[index, :, slots] = v.view(R, T, self.kv_heads, D)
+        values[index, :, slots] = v
         if rows is not None:
             keys, values = keys[rows], values[rows]
         kv_len, groups = mask.shape[-1], self.heads // self.kv_heads
         # Query heads sharing a K/V head attend as extra query rows of that head ([R, H_kv, G * T, D]): the same
         # math as repeating K/V per query head, without copying the cache, and the masked fused kernels accept
         # it (they reject grouped heads with a mask, falling back to one that materialises everything).
-        q = q.view(R, T, self.kv_heads, groups, D).permute(0, 2, 3, 1, 4).reshape(R, self.kv_heads, groups * T, D)
+        q = q.reshape(R, T, self.kv_heads, groups, D).permute(0, 2, 3, 1, 4).reshape(R, self.kv_heads, groups * T, D)
         out = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask,
                                              scale=1.0)
         out = out.view(R, self.kv_heads, groups, T, D).permute(0, 3, 1, 2, 4)
@@ -245,16 +264,22 @@ class StageAttention(nn.Module):
         self.out_proj = nn.ModuleDict({str(g): Linear(inner, cfg.n_embd) for g in groups})
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        self.register_buffer("qk_norm_weight", torch.empty(2, 1, self.head_dim), persistent=False)  # at load
+        self.register_load_state_dict_post_hook(StageAttention._stack_norm_weights)
+
+    def _stack_norm_weights(self, incompatible_keys) -> None:
+        self.qk_norm_weight = stacked_norm_weights([(self.q_norm, 1), (self.k_norm, 1)]).unsqueeze(1)
 
     def forward(self, x: torch.Tensor, stage: int, group: int, rope: torch.Tensor | None, layer: int,
                 cache: KVCache) -> torch.Tensor:
         R, H, D = x.shape[0], self.heads, self.head_dim
-        q, k, v = self.in_proj[str(group)](x).view(R, 1, 3, H, D).unbind(dim=2)
-        q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.in_proj[str(group)](x).view(R, 1, 3, H, D)
+        qk = norm_heads(qkv[:, :, :2], self.qk_norm_weight, self.q_norm.eps)  # q and k: [R, 1, 2, H, D]
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        cache.keys[layer, :, :, stage] = k[:, 0]
-        cache.values[layer, :, :, stage] = v[:, 0]
+            qk = apply_rope(qk, rope)
+        q, k, v = qk[:, :, 0], qk[:, 0, 1], qkv[:, 0, 2]
+        cache.keys[layer, :, :, stage] = k
+        cache.values[layer, :, :, stage] = v
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), cache.keys[layer, :, :, : stage + 1], cache.values[layer, :, :, : stage + 1],
             scale=1.0,

@@ -53,47 +53,59 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: torch.Tensor, frame: torch.Tensor, draw: int) -> torch.Tensor:
-    """Uniform floats in [0, 1) per row, determined by (seed, frame, draw index within the frame)."""
-    x = _hash32(seed)
-    x = _hash32(x ^ ((seed >> 32) & _MASK32))
-    x = _hash32(x ^ frame)
-    x = _hash32(x ^ draw)
-    return (x >> 8).float() * (1.0 / (1 << 24))
+def frame_noise(seed: torch.Tensor, frame: torch.Tensor, draws: int, vocab: int) -> torch.Tensor:
+    """Gumbel noise [B, draws, vocab] for every draw of a frame, in one pass: a pure function of (seed, frame,
+    draw, token) per row. Two keys per (row, frame) mix a counter over (draw, token), so two frames of a row
+    never repeat each other's numbers."""
+    key = _hash32(_hash32(seed) ^ ((seed >> 32) & _MASK32))
+    key = _hash32(key ^ frame).unsqueeze(1)
+    second = _hash32(key ^ 0x2545F491)
+    counter = torch.arange(draws * vocab, device=seed.device)
+    bits = _hash32(_hash32(key ^ counter) ^ second)
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1): the noise is finite
+    return u.log().neg().log().neg().view(-1, draws, vocab)
 
 
-def guide(logits: torch.Tensor, scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:
-    """CFG over [2B, V] logits (each generation's conditional row, then its unconditional one): keep conditional
-    logits where the guided ones rank in the top filter_k (ties kept), -inf elsewhere. Rows with scale 1 use
-    the conditional logits as they are.
+@dataclass
+class DrawSettings:
+    """Per-row settings of one kind of draw over a vocabulary of `vocab` tokens, as [B, 1] columns computed once
+    a frame: CFG scale, the rank of the CFG filter's threshold and the rows it keeps whole, the rank of the
+    top-k threshold, the temperature."""
+
+    scale: torch.Tensor
+    filter_rank: torch.Tensor
+    keep_all: torch.Tensor
+    top_rank: torch.Tensor
+    temperature: torch.Tensor
+
+    @classmethod
+    def of(cls, params: SamplingParams, temperature: torch.Tensor, top_k: torch.Tensor,
+           vocab: int) -> "DrawSettings":
+        filter_k = params.cfg_filter_k.unsqueeze(1)
+        return cls(scale=params.cfg_scale.unsqueeze(1), filter_rank=(filter_k.clamp(1, vocab) - 1),
+                   keep_all=(filter_k <= 0) | (params.cfg_scale == 1.0).unsqueeze(1),
+                   top_rank=top_k.unsqueeze(1).clamp(1, vocab) - 1, temperature=temperature.unsqueeze(1))
+
+
+def draw(logits: torch.Tensor, settings: DrawSettings, noise: torch.Tensor,
+         banned: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per generation from [2B, V] float32 logits (each generation's conditional row, then its
+    unconditional one) and Gumbel `noise` [B, V].
+
+    Classifier-free guidance: the conditional logits where the guided ones (lerp(uncond, cond, scale)) rank
+    in the top filter_k, ties kept, -inf elsewhere (all of them where the scale is 1); `banned` tokens are
+    then set to the lowest float. Then the token: argmax of those logits when the temperature is 0 (lowest
+    index on ties); otherwise a draw from softmax(logits / temperature) over the top_k of them (ties kept),
+    as the Gumbel-max argmax of logits + temperature * noise, which is the same argmax when the temperature
+    is 0.
     """
-    vocab = logits.shape[1]
-    cond, uncond = logits[0::2].float(), logits[1::2].float()
-    guided = torch.lerp(uncond, cond, scale.unsqueeze(1))
-    k = filter_k.clamp(max=vocab)
-    kth = guided.sort(dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-    keep = (guided >= kth) | (k <= 0).unsqueeze(1) | (scale == 1.0).unsqueeze(1)
-    return torch.where(keep, cond, torch.full_like(cond, float("-inf")))
-
-
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of [B, V] float32 logits.
-
-    temperature <= 0: argmax (lowest index on ties). Otherwise softmax(logits / temperature), keep the top_k
-    probabilities when 0 < top_k < V, renormalise and draw with `u` by inverse CDF; a distribution with no
-    mass (all zero or NaN) gives index 0.
-    """
-    vocab = logits.shape[1]
-    greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature.clamp(min=1e-6).unsqueeze(1), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    ranks = torch.arange(vocab, device=logits.device)
-    kept = torch.where(ranks < k.unsqueeze(1), sorted_probs, torch.zeros_like(sorted_probs))
-    cdf = kept.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    rank = (cdf <= u.unsqueeze(1) * total).sum(dim=-1)
-    rank = torch.minimum(rank, (kept > 0).sum(dim=-1) - 1).clamp(min=0)
-    drawn = torch.where(total[:, 0] > 0, order.gather(1, rank.unsqueeze(1))[:, 0], 0)
-    return torch.where(temperature > 0, drawn, greedy)
+    pairs = logits.view(-1, 2, logits.shape[-1])
+    cond = pairs[:, 0]
+    guided = torch.lerp(pairs[:, 1], cond, settings.scale)
+    kept = (guided >= guided.sort(dim=-1, descending=True).values.gather(1, settings.filter_rank)) | settings.keep_all
+    filtered = torch.where(kept, cond, float("-inf"))
+    if banned is not None:
+        filtered = filtered.index_fill(1, banned, torch.finfo(filtered.dtype).min)
+    kth = filtered.sort(dim=-1, descending=True).values.gather(1, settings.top_rank)
+    scores = torch.where(filtered >= kth, torch.addcmul(filtered, settings.temperature, noise), float("-inf"))
+    return scores.argmax(dim=-1)
