@@ -22,7 +22,7 @@ from .checkpoint import build_model, load_weights
 from .config import Dia2Config
 from .model import Dia2Model, KVCache, rope_tables
 from .params import GenerationParamError, GenerationParams
-from .sampling import DrawSettings, SamplingParams, draw, frame_noise
+from .sampling import FrameDraws, SamplingParams
 from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, normalize_script, parse_script,
                    prefix_entries, text_step)
 
@@ -349,9 +349,7 @@ class Dia2Engine:
             raise ValueError(f"plan needs {plan.buffer_length} buffer frames, the state holds {state.length}")
         p = plan.params
         state.text.copy_row(row, plan.text)
-        state.sampling.load_row(row, text_temperature=p.text_temperature, text_top_k=p.text_top_k,
-                                audio_temperature=p.audio_temperature, audio_top_k=p.audio_top_k,
-                                cfg_scale=p.cfg_scale, cfg_filter_k=p.cfg_filter_k, seed=p.seed)
+        state.sampling.load_row(row, p)
         state.audio[row] = UNGENERATED
         state.text_tokens[row] = torch.tensor(plan.text_tokens)
         state.frame[row] = plan.start_frame
@@ -419,10 +417,8 @@ class Dia2Engine:
             tokens.unsqueeze(1), self.rope(L)[:, positions].unsqueeze(-2), state.cache, slots, kv_len)
         hidden = hidden[:, 0]
 
-        action_vocab, audio_vocab = action_logits.shape[-1], cb0_logits.shape[-1]
-        noise = frame_noise(sp.seed, t, 2 + cfg.num_stages, max(action_vocab, audio_vocab))  # every draw of the frame at once
-        text_token = draw(action_logits[:, 0], DrawSettings.of(sp, sp.text_temperature, sp.text_top_k, action_vocab),
-                          noise[:, 0, :action_vocab])
+        draws = FrameDraws(sp, t, 1 + C, max(action_logits.shape[-1], cb0_logits.shape[-1]))
+        text_token = draws.text(action_logits[:, 0])
         if host_sync:
             text_token.tolist()
         main, second, word_entry = text_step(state.text, t, text_token, torch.zeros_like(t, dtype=torch.bool), ids,
@@ -431,21 +427,18 @@ class Dia2Engine:
         state.first_word_frame.copy_(torch.where(first_seen, t - state.initial_padding, state.first_word_frame))
         state.text_tokens.copy_(torch.stack([main, second], dim=1))
 
-        write_at = (t + 1).clamp(max=L - 1).unsqueeze(1)
-        token = draw(cb0_logits[:, 0], DrawSettings.of(sp, sp.audio_temperature, sp.audio_top_k, audio_vocab),
-                     noise[:, 1], banned=self.banned_cb0)
-        state.audio[:, 0].scatter_(1, write_at, token.unsqueeze(1))
+        token = draws.audio(cb0_logits[:, 0], 0, banned=self.banned_cb0)
         if host_sync:
             token.tolist()
-        main2, second2 = main.repeat_interleave(2), second.repeat_interleave(2)
-        stage = DrawSettings.of(sp, sp.audio_temperature, sp.audio_top_k, self.model.depformer.vocab_limit)
+        drawn = [token]
         for s in range(cfg.num_stages):
-            logits = self.model.depformer(s, hidden, token.repeat_interleave(2), main2, second2, self.stage_ropes[s],
-                                          state.stage_cache)
-            token = draw(logits, stage, noise[:, 2 + s, : logits.shape[-1]])
-            state.audio[:, s + 1].scatter_(1, write_at, token.unsqueeze(1))
+            logits = self.model.depformer(s, hidden, token, main, second, self.stage_ropes[s], state.stage_cache)
+            token = draws.audio(logits, s + 1)
+            drawn.append(token)
             if host_sync:
                 token.tolist()
+        write_at = (t + 1).clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1)
+        state.audio.scatter_(2, write_at, torch.stack(drawn, dim=1).unsqueeze(2))
 
         end_step = state.text.end_step
         state.eos_cutoff.copy_(torch.where((state.eos_cutoff == NEVER) & (end_step >= 0),

@@ -318,7 +318,8 @@ class Depformer(nn.Module):
 
     def forward(self, stage: int, hidden: torch.Tensor, prev_audio: torch.Tensor, main: torch.Tensor,
                 second: torch.Tensor, rope: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Stage `stage` (predicting codebook stage + 1): hidden [R, E], prev_audio/main/second [R].
+        """Stage `stage` (predicting codebook stage + 1): hidden [R, E]; prev_audio/main/second [G], one per
+        group of R / G rows (G = R / 2: a generation's two CFG rows share its tokens).
 
         Returns float32 logits [R, vocab_limit]; pad and BOS entries are cut off.
         """
@@ -326,7 +327,8 @@ class Depformer(nn.Module):
         token = self.audio_embeds[stage](prev_audio)
         if stage == 0 and self.text_embed is not None:
             token = token + self.text_embed(main, second)
-        x = self.depformer_in[str(group)](hidden) + token
+        x = self.depformer_in[str(group)](hidden)
+        x = (x.view(token.shape[0], -1, x.shape[-1]) + token.unsqueeze(1)).view(x.shape)
         with attention_kernels(x):
             for i, layer in enumerate(self.layers):
                 x = x + layer.self_attention(layer.pre_norm(x), stage, group, rope, i, cache)

@@ -11,20 +11,28 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .params import GenerationParams
+
 _MASK32 = 0xFFFFFFFF
+
+
+KEEP_ALL = 1 << 30
+"""A rank past any vocabulary: its threshold keeps every token."""
 
 
 @dataclass
 class SamplingParams:
-    """Per-row sampling parameters, all [B] device tensors."""
+    """Per-row sampling parameters as the step uses them, all [B] device tensors: temperatures (0: greedy),
+    CFG scale, the 0-based ranks of the top-k and CFG filter thresholds (KEEP_ALL where the scale is 1),
+    and a 32-bit key mixed from the 63-bit seed."""
 
     text_temperature: torch.Tensor
-    text_top_k: torch.Tensor
+    text_top_rank: torch.Tensor
     audio_temperature: torch.Tensor
-    audio_top_k: torch.Tensor
+    audio_top_rank: torch.Tensor
     cfg_scale: torch.Tensor
-    cfg_filter_k: torch.Tensor
-    seed: torch.Tensor
+    filter_rank: torch.Tensor
+    seed_key: torch.Tensor
 
     @classmethod
     def allocate(cls, batch: int, device: torch.device) -> "SamplingParams":
@@ -36,7 +44,13 @@ class SamplingParams:
 
         return cls(floats(), longs(), floats(), longs(), floats(), longs(), longs())
 
-    def load_row(self, row: int, **values: float) -> None:
+    def load_row(self, row: int, params: GenerationParams) -> None:
+        """A generation's (validated, seeded) parameters into `row`."""
+        values = dict(text_temperature=params.text_temperature, text_top_rank=params.text_top_k - 1,
+                      audio_temperature=params.audio_temperature, audio_top_rank=params.audio_top_k - 1,
+                      cfg_scale=params.cfg_scale,
+                      filter_rank=KEEP_ALL if params.cfg_scale == 1.0 else params.cfg_filter_k - 1,
+                      seed_key=seed_key(params.seed))
         for name, value in values.items():
             getattr(self, name)[row] = value
 
@@ -45,46 +59,45 @@ class SamplingParams:
         return SamplingParams(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer on int64 tensors; constants < 2**31 keep every product below 2**63."""
-    x = x & _MASK32
+def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer mixer (a bijection of [0, 2**32)) on int64 tensors or Python ints; the constants are
+    below 2**31, so no product reaches 2**63."""
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
     x = ((x ^ (x >> 15)) * 0x5BD1E995) & _MASK32
     return x ^ (x >> 16)
 
 
-def frame_noise(seed: torch.Tensor, frame: torch.Tensor, draws: int, vocab: int) -> torch.Tensor:
-    """Gumbel noise [B, draws, vocab] for every draw of a frame, in one pass: a pure function of (seed, frame,
-    draw, token) per row. Two keys per (row, frame) mix a counter over (draw, token), so two frames of a row
-    never repeat each other's numbers."""
-    key = _hash32(_hash32(seed) ^ ((seed >> 32) & _MASK32))
-    key = _hash32(key ^ frame).unsqueeze(1)
-    second = _hash32(key ^ 0x2545F491)
-    counter = torch.arange(draws * vocab, device=seed.device)
-    bits = _hash32(_hash32(key ^ counter) ^ second)
+def seed_key(seed: int) -> int:
+    """The 32-bit key of a 63-bit seed, computed once when a generation joins."""
+    return _hash32(_hash32(seed & _MASK32) ^ (seed >> 32))
+
+
+def frame_noise(seed_key: torch.Tensor, frame: torch.Tensor, draws: int, vocab: int) -> torch.Tensor:
+    """Gumbel noise [B, draws, vocab] for every draw of a frame in one pass: a pure function of (seed, frame,
+    draw, token) per row. The frame's key k mixes a counter c over (draw, token) as hash(hash(k ^ c) ^ k):
+    hashes are bijections, so two frames never draw the same numbers for the same position."""
+    key = _hash32(seed_key ^ frame).unsqueeze(1)
+    counter = torch.arange(draws * vocab, device=seed_key.device)
+    bits = _hash32(_hash32(key ^ counter) ^ key)
     u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1): the noise is finite
     return u.log().neg().log().neg().view(-1, draws, vocab)
 
 
 @dataclass
 class DrawSettings:
-    """Per-row settings of one kind of draw over a vocabulary of `vocab` tokens, as [B, 1] columns computed once
-    a frame: CFG scale, the rank of the CFG filter's threshold and the rows it keeps whole, the rank of the
-    top-k threshold, the temperature."""
+    """One kind of draw's per-row settings as [B, 1] columns for a vocabulary size: CFG scale, the CFG filter's
+    and the top-k's threshold ranks (clamped to the vocabulary), the temperature."""
 
     scale: torch.Tensor
     filter_rank: torch.Tensor
-    keep_all: torch.Tensor
     top_rank: torch.Tensor
     temperature: torch.Tensor
 
     @classmethod
-    def of(cls, params: SamplingParams, temperature: torch.Tensor, top_k: torch.Tensor,
+    def of(cls, params: SamplingParams, temperature: torch.Tensor, top_rank: torch.Tensor,
            vocab: int) -> "DrawSettings":
-        filter_k = params.cfg_filter_k.unsqueeze(1)
-        return cls(scale=params.cfg_scale.unsqueeze(1), filter_rank=(filter_k.clamp(1, vocab) - 1),
-                   keep_all=(filter_k <= 0) | (params.cfg_scale == 1.0).unsqueeze(1),
-                   top_rank=top_k.unsqueeze(1).clamp(1, vocab) - 1, temperature=temperature.unsqueeze(1))
+        return cls(scale=params.cfg_scale.unsqueeze(1), filter_rank=params.filter_rank.clamp(max=vocab - 1).unsqueeze(1),
+                   top_rank=top_rank.clamp(max=vocab - 1).unsqueeze(1), temperature=temperature.unsqueeze(1))
 
 
 def draw(logits: torch.Tensor, settings: DrawSettings, noise: torch.Tensor,
@@ -93,19 +106,46 @@ def draw(logits: torch.Tensor, settings: DrawSettings, noise: torch.Tensor,
     unconditional one) and Gumbel `noise` [B, V].
 
     Classifier-free guidance: the conditional logits where the guided ones (lerp(uncond, cond, scale)) rank
-    in the top filter_k, ties kept, -inf elsewhere (all of them where the scale is 1); `banned` tokens are
-    then set to the lowest float. Then the token: argmax of those logits when the temperature is 0 (lowest
-    index on ties); otherwise a draw from softmax(logits / temperature) over the top_k of them (ties kept),
-    as the Gumbel-max argmax of logits + temperature * noise, which is the same argmax when the temperature
-    is 0.
+    in the top filter_k, ties kept, -inf elsewhere; `banned` tokens are then set to the lowest float. Then
+    the token: argmax of those logits when the temperature is 0 (lowest index on ties); otherwise a draw from
+    softmax(logits / temperature) over their top_k (ties kept), as the Gumbel-max argmax of
+    logits + temperature * noise, which is that same argmax when the temperature is 0.
     """
     pairs = logits.view(-1, 2, logits.shape[-1])
     cond = pairs[:, 0]
     guided = torch.lerp(pairs[:, 1], cond, settings.scale)
-    kept = (guided >= guided.sort(dim=-1, descending=True).values.gather(1, settings.filter_rank)) | settings.keep_all
-    filtered = torch.where(kept, cond, float("-inf"))
+    threshold = guided.sort(dim=-1, descending=True).values.gather(1, settings.filter_rank)
+    filtered = torch.where(guided >= threshold, cond, float("-inf"))
     if banned is not None:
         filtered = filtered.index_fill(1, banned, torch.finfo(filtered.dtype).min)
     kth = filtered.sort(dim=-1, descending=True).values.gather(1, settings.top_rank)
     scores = torch.where(filtered >= kth, torch.addcmul(filtered, settings.temperature, noise), float("-inf"))
     return scores.argmax(dim=-1)
+
+
+class FrameDraws:
+    """What all draws of one frame share, computed once: Gumbel noise for each draw (the text token's, then
+    one per codebook) and the per-row settings for each vocabulary size."""
+
+    def __init__(self, params: SamplingParams, frame: torch.Tensor, draws: int, vocab: int) -> None:
+        self.params = params
+        self.noise = frame_noise(params.seed_key, frame, draws, vocab)
+        self._settings: dict[tuple[bool, int], DrawSettings] = {}
+
+    def _for(self, text: bool, vocab: int) -> DrawSettings:
+        if (text, vocab) not in self._settings:
+            p = self.params
+            temperature, top_rank = ((p.text_temperature, p.text_top_rank) if text
+                                     else (p.audio_temperature, p.audio_top_rank))
+            self._settings[text, vocab] = DrawSettings.of(p, temperature, top_rank, vocab)
+        return self._settings[text, vocab]
+
+    def text(self, logits: torch.Tensor) -> torch.Tensor:
+        """The text (action) token from [2B, V] logits: draw 0."""
+        vocab = logits.shape[-1]
+        return draw(logits, self._for(True, vocab), self.noise[:, 0, :vocab])
+
+    def audio(self, logits: torch.Tensor, codebook: int, banned: torch.Tensor | None = None) -> torch.Tensor:
+        """Codebook `codebook`'s token from [2B, V] logits: draw 1 + codebook."""
+        vocab = logits.shape[-1]
+        return draw(logits, self._for(False, vocab), self.noise[:, 1 + codebook, :vocab], banned)
