@@ -178,20 +178,20 @@ class Attention(nn.Module):
     def _stack_norm_weights(self, incompatible_keys) -> None:
         self.qk_norm_weight = stacked_norm_weights([(self.q_norm, self.heads), (self.k_norm, self.kv_heads)])
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor | None,
-                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """rows: the cache rows of x's rows (None: all rows, in order); slots [R, T]: where each frame's K/V go;
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
+                some_rows: bool, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """rows [R]: the cache rows of x's rows (`some_rows`: not all of the cache's, in order); slots [R, T]: where
+        each frame's K/V go;
         mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see `Backbone.forward`)."""
         R, T, _ = x.shape
         D, H = self.head_dim, self.heads
         qkv = self.qkv(x).view(R, T, H + 2 * self.kv_heads, D)
         qk = apply_rope(norm_heads(qkv[:, :, : H + self.kv_heads], self.qk_norm_weight, self.q_norm.eps), rope)
         q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + self.kv_heads:]
-        index = (torch.arange(R, device=x.device) if rows is None else rows).unsqueeze(1)
         keys, values = cache.keys[layer], cache.values[layer]
-        keys[index, :, slots] = k
-        values[index, :, slots] = v
-        if rows is not None:
+        keys[rows.unsqueeze(1), :, slots] = k
+        values[rows.unsqueeze(1), :, slots] = v
+        if some_rows:
             keys, values = keys[rows], values[rows]
         kv_len, groups = mask.shape[-1], self.heads // self.kv_heads
         # Query heads sharing a K/V head attend as extra query rows of that head ([R, H_kv, G * T, D]): the same
@@ -244,10 +244,11 @@ class Backbone(nn.Module):
         # Which slots each query row sees, in attention's packed order (query group g, frame t -> row g * T + t).
         R, T = slots.shape
         visible = torch.arange(kv_len, device=tokens.device) <= slots.unsqueeze(-1)  # [R, T, kv_len]
+        cache_rows = torch.arange(R, device=tokens.device) if rows is None else rows
         mask = visible.unsqueeze(1).expand(R, self.query_groups, T, kv_len).reshape(R, 1, self.query_groups * T, kv_len)
         with attention_kernels(x):
             for i, layer in enumerate(self.layers):
-                x = x + layer.attn(layer.pre_norm(x), rope, i, cache, rows, slots, mask)
+                x = x + layer.attn(layer.pre_norm(x), rope, i, cache, cache_rows, rows is not None, slots, mask)
                 x = x + layer.mlp(layer.post_norm(x))
         hidden = self.norm(x)
         return hidden, self.action_head(hidden).float(), self.cb0_head(hidden).float()
