@@ -190,8 +190,8 @@ class Dia2Engine:
         self.flush_frames = self.max_delay + MAX_PADDING
         dep = config.model.depformer
         stage_rope = rope_tables(dep.gqa_head_dim, config.model.rope_min_timescale, config.model.rope_max_timescale,
-                                 max(config.num_stages, 1), device, self.dtype)
-        self.stage_ropes = [stage_rope[:, s].view(2, 1, 1, 1, -1) if dep.apply_rope else None
+                                 max(config.num_stages, 1), device)
+        self.stage_ropes = [model.depformer.rotations(stage_rope[:, s]) if dep.apply_rope else None
                             for s in range(config.num_stages)]
         self._ropes: dict[int, torch.Tensor] = {}
 

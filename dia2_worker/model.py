@@ -34,12 +34,20 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T, plus `residual` in the same kernel when given."""
         if x.is_cuda or not batch_invariant or x.shape[0] <= ROWS_PER_GENERATION:
-            return F.linear(x, self.weight)
+            return self._project(x, residual)
         # On the CPU a matrix product rounds differently with more rows (another code path): one generation's
         # rows at a time, so its tokens are the same alone or in any batch.
-        return torch.cat([F.linear(rows, self.weight) for rows in x.split(ROWS_PER_GENERATION)])
+        rows = ROWS_PER_GENERATION
+        residuals = [None] * len(range(0, x.shape[0], rows)) if residual is None else residual.split(rows)
+        return torch.cat([self._project(part, res) for part, res in zip(x.split(rows), residuals)])
+
+    def _project(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if residual is None:
+            return F.linear(x, self.weight)
+        return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), self.weight.t()).view(residual.shape)
 
 
 class Embedding(nn.Module):
@@ -103,6 +111,20 @@ def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device
     return torch.stack([torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)]).to(dtype)
 
 
+def rope_matrices(rope: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """RoPE at one position (rope: [2, D] of `rope_tables`) after each of N per-head norm weights [N, D], as
+    matrices [N, D, D]: x @ M[n] = apply_rope(x * weights[n], rope). One matrix product instead of five
+    elementwise kernels."""
+    D = rope.shape[-1]
+    cos, signed_sin = rope.reshape(2, D)
+    index = torch.arange(D, device=rope.device)
+    swapped = index.view(2, -1).flip(0).flatten()  # the other half's index
+    matrices = torch.zeros(weights.shape[0], D, D, dtype=weights.dtype, device=weights.device)
+    matrices[:, index, index] = weights * cos
+    matrices[:, swapped, index] = weights[:, swapped] * signed_sin
+    return matrices
+
+
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin, as x * cos + cat(x2, x1) * signed sin (the same bits).
     x: [..., D]; rope: [2, ..., D] broadcast to x (gathered at each row's positions)."""
@@ -119,9 +141,9 @@ class MLP(nn.Module):
         self.wo = Linear(hidden, dim)
         self.act_gate, self.act_up = activation(activations[0]), activation(activations[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = self.wi(x).chunk(2, dim=-1)
-        return self.wo(self.act_gate(gate) * self.act_up(up))
+        return self.wo(self.act_gate(gate) * self.act_up(up), residual)
 
 
 class TextEmbedding(nn.Module):
@@ -179,7 +201,7 @@ class Attention(nn.Module):
         self.qk_norm_weight = stacked_norm_weights([(self.q_norm, self.heads), (self.k_norm, self.kv_heads)])
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
-                some_rows: bool, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                some_rows: bool, slots: torch.Tensor, mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """rows [R]: the cache rows of x's rows (`some_rows`: not all of the cache's, in order); slots [R, T]: where
         each frame's K/V go;
         mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see `Backbone.forward`)."""
@@ -201,7 +223,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask,
                                              scale=1.0)
         out = out.view(R, self.kv_heads, groups, T, D).permute(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(R, T, self.heads * D))
+        return self.o_proj(out.reshape(R, T, self.heads * D), residual)
 
 
 class BackboneLayer(nn.Module):
@@ -248,8 +270,8 @@ class Backbone(nn.Module):
         mask = visible.unsqueeze(1).expand(R, self.query_groups, T, kv_len).reshape(R, 1, self.query_groups * T, kv_len)
         with attention_kernels(x):
             for i, layer in enumerate(self.layers):
-                x = x + layer.attn(layer.pre_norm(x), rope, i, cache, cache_rows, rows is not None, slots, mask)
-                x = x + layer.mlp(layer.post_norm(x))
+                x = layer.attn(layer.pre_norm(x), rope, i, cache, cache_rows, rows is not None, slots, mask, x)
+                x = layer.mlp(layer.post_norm(x), x)
         hidden = self.norm(x)
         return hidden, self.action_head(hidden).float(), self.cb0_head(hidden).float()
 
@@ -271,13 +293,16 @@ class StageAttention(nn.Module):
     def _stack_norm_weights(self, incompatible_keys) -> None:
         self.qk_norm_weight = stacked_norm_weights([(self.q_norm, 1), (self.k_norm, 1)]).unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, stage: int, group: int, rope: torch.Tensor | None, layer: int,
-                cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stage: int, group: int, rotation: torch.Tensor | None, layer: int,
+                cache: KVCache, residual: torch.Tensor) -> torch.Tensor:
+        """rotation: [2, D, D] q and k's norm weights and RoPE at this stage (`Depformer.rotations`), or None
+        without RoPE."""
         R, H, D = x.shape[0], self.heads, self.head_dim
         qkv = self.in_proj[str(group)](x).view(R, 1, 3, H, D)
-        qk = norm_heads(qkv[:, :, :2], self.qk_norm_weight, self.q_norm.eps)  # q and k: [R, 1, 2, H, D]
-        if rope is not None:
-            qk = apply_rope(qk, rope)
+        if rotation is None:
+            qk = norm_heads(qkv[:, :, :2], self.qk_norm_weight, self.q_norm.eps)  # q and k: [R, 1, 2, H, D]
+        else:  # the norms' weights and RoPE at this stage, as one matrix each for q and k
+            qk = F.rms_norm(qkv[:, :, :2], (D,), None, self.q_norm.eps) @ rotation
         q, k, v = qk[:, :, 0], qk[:, 0, 1], qkv[:, 0, 2]
         cache.keys[layer, :, :, stage] = k
         cache.values[layer, :, :, stage] = v
@@ -285,7 +310,7 @@ class StageAttention(nn.Module):
             q.transpose(1, 2), cache.keys[layer, :, :, : stage + 1], cache.values[layer, :, :, : stage + 1],
             scale=1.0,
         )
-        return self.out_proj[str(group)](out.reshape(R, H * D))
+        return self.out_proj[str(group)](out.reshape(R, H * D), residual)
 
 
 class DepformerLayer(nn.Module):
@@ -318,9 +343,10 @@ class Depformer(nn.Module):
         self.logits = nn.ModuleList(Linear(cfg.n_embd, data.audio_vocab_size) for _ in range(stages))
 
     def forward(self, stage: int, hidden: torch.Tensor, prev_audio: torch.Tensor, main: torch.Tensor,
-                second: torch.Tensor, rope: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+                second: torch.Tensor, rotations: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Stage `stage` (predicting codebook stage + 1): hidden [R, E]; prev_audio/main/second [G], one per
-        group of R / G rows (G = R / 2: a generation's two CFG rows share its tokens).
+        group of R / G rows (G = R / 2: a generation's two CFG rows share its tokens); rotations: this
+        stage's `rotations` (None: the config applies no RoPE).
 
         Returns float32 logits [R, vocab_limit]; pad and BOS entries are cut off.
         """
@@ -332,9 +358,16 @@ class Depformer(nn.Module):
         x = (x.view(token.shape[0], -1, x.shape[-1]) + token.unsqueeze(1)).view(x.shape)
         with attention_kernels(x):
             for i, layer in enumerate(self.layers):
-                x = x + layer.self_attention(layer.pre_norm(x), stage, group, rope, i, cache)
-                x = x + layer.mlp(layer.post_norm(x))
+                x = layer.self_attention(layer.pre_norm(x), stage, group, None if rotations is None else rotations[i],
+                                         i, cache, x)
+                x = layer.mlp(layer.post_norm(x), x)
         return self.logits[stage](self.norm(x))[..., : self.vocab_limit].float()
+
+    def rotations(self, rope: torch.Tensor) -> torch.Tensor:
+        """[L, 2, D, D]: for each layer, q's and k's norm weight followed by RoPE at one stage (rope: [2, D] of
+        `rope_tables`, float32) as matrices, computed in float32 once at load and cast to the model's dtype."""
+        return torch.stack([rope_matrices(rope, layer.self_attention.qk_norm_weight.reshape(2, -1).float())
+                            for layer in self.layers]).to(self.norm.weight.dtype)
 
 
 class Dia2Model(nn.Module):
