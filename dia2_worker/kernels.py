@@ -73,9 +73,9 @@ class OperatorCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in _HOST_SYNC:
+        if name in _HOST_SYNC:  # a copy to the host, counted apart from kernels
             self.host_syncs[name] += 1
-        if not self.fused_depth and not func.is_view and name not in _NO_KERNEL:
+        elif not self.fused_depth and not func.is_view and name not in _NO_KERNEL:
             self.counts[current_region(self.codes)] += 1
         return func(*args, **(kwargs or {}))
 
