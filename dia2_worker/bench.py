@@ -481,7 +481,9 @@ def run(shape: str, device: str | torch.device, modes: list[str] | None = None, 
 
 KERNEL_FRAMES = 2
 """Frames counted (after as many warm-up frames); the count is the same every frame."""
-KERNEL_STATE_FRAMES = 32
+GRAPH_REPLAYS = 20
+"""Replays of a frame's graph timed for the cost per kernel."""
+KERNEL_STATE_FRAMES = 64
 """Buffer frames of the state the count steps: the count does not depend on the cache length, and a short
 cache keeps batch 64 of the 2B shape within a CPU host's memory."""
 
@@ -516,7 +518,7 @@ def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int, gpu_path
         frame = frame_call(engine, batch, seed)
         for _ in range(KERNEL_FRAMES):
             frame()
-        graph_total = None
+        graph_total = replay_ms = None
         if engine.device.type == "cuda":
             counts: dict[str, int] = {}
             for _ in range(KERNEL_FRAMES):
@@ -524,6 +526,8 @@ def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int, gpu_path
                     counts[region] = counts.get(region, 0) + count
             replay, _ = capture(frame)
             graph_total = kernels.count_graph_kernels(replay)
+            clock = Clock(engine.device)
+            replay_ms = statistics.median(clock.each(replay, GRAPH_REPLAYS))
             host_syncs = None
         else:
             with kernels.count_operators() as counter:
@@ -541,6 +545,9 @@ def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int, gpu_path
         "step_kernels_per_frame": eager_total - by_region["codec decode"],
         "eager_kernels_per_frame": eager_total,
         "host_syncs_per_frame": None if host_syncs is None else sum(host_syncs.values()) / KERNEL_FRAMES,
+        # CUDA: one replay of the frame's graph, and what each of its kernels costs on average.
+        "graph_ms_per_frame": replay_ms,
+        "graph_us_per_kernel": None if replay_ms is None else 1000 * replay_ms / graph_total,
     }
 
 
