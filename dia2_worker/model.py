@@ -1,7 +1,8 @@
 """Dia2's two transformers: the backbone (one step per 80 ms frame) and the depformer (one stage per codebook).
 
 Modules read like the math of the spec; every tensor they hold comes from the checkpoint (built on the
-meta device, then the checkpoint's tensors are assigned). Shapes: R rows (two CFG branches per
+meta device, then the checkpoint's tensors are assigned), or is derived from it once at load (q and k norm
+weights stacked per head). Shapes: R rows (two CFG branches per
 generation), T frames, E backbone width, d depformer width, D head dim. Caches are static: the
 backbone writes each frame's K/V at a per-row slot, the depformer at the stage index.
 """
@@ -40,9 +41,9 @@ class Linear(nn.Module):
             return self._project(x, residual)
         # On the CPU a matrix product rounds differently with more rows (another code path): one generation's
         # rows at a time, so its tokens are the same alone or in any batch.
-        rows = ROWS_PER_GENERATION
-        residuals = [None] * len(range(0, x.shape[0], rows)) if residual is None else residual.split(rows)
-        return torch.cat([self._project(part, res) for part, res in zip(x.split(rows), residuals)])
+        parts = x.split(ROWS_PER_GENERATION)
+        residuals = [None] * len(parts) if residual is None else residual.split(ROWS_PER_GENERATION)
+        return torch.cat([self._project(part, res) for part, res in zip(parts, residuals)])
 
     def _project(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if residual is None:
@@ -202,9 +203,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
                 some_rows: bool, slots: torch.Tensor, mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """rows [R]: the cache rows of x's rows (`some_rows`: not all of the cache's, in order); slots [R, T]: where
-        each frame's K/V go;
-        mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see `Backbone.forward`)."""
+        """rows [R]: the cache rows of x's rows (`some_rows`: not all of the cache's, in order); slots [R, T]:
+        where each frame's K/V go; mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see
+        `Backbone.forward`); residual: added to the output projection."""
         R, T, _ = x.shape
         D, H = self.head_dim, self.heads
         qkv = self.qkv(x).view(R, T, H + 2 * self.kv_heads, D)
