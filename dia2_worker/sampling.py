@@ -1,8 +1,11 @@
 """Classifier-free guidance and token sampling, batched with per-row parameters and graph-safe randomness.
 
 Every row carries its own temperature, top-k, CFG scale and filter, and its own seed. Random numbers are
-a pure function of (seed, frame, draw) computed with integer tensor ops, so a generation's tokens do not
-depend on the other rows of the batch, need no host round trip and replay identically inside a CUDA graph.
+a pure function of (seed, frame, draw, token) computed with integer tensor ops, so a generation's tokens do
+not depend on the other rows of the batch, need no host round trip and replay identically inside a CUDA
+graph. A frame's numbers are drawn in one pass (Gumbel noise for every draw), and a draw is a dozen kernels
+whatever the batch: guidance, the CFG filter's and top-k's thresholds (a sort each), and one argmax of
+logits + temperature * noise (the Gumbel-max trick: a sample of softmax(logits / temperature)).
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ class DrawSettings:
     @classmethod
     def of(cls, params: SamplingParams, temperature: torch.Tensor, top_rank: torch.Tensor,
            vocab: int) -> "DrawSettings":
-        return cls(scale=params.cfg_scale.unsqueeze(1), filter_rank=params.filter_rank.clamp(max=vocab - 1).unsqueeze(1),
+        return cls(scale=params.cfg_scale.unsqueeze(1),
+                   filter_rank=params.filter_rank.clamp(max=vocab - 1).unsqueeze(1),
                    top_rank=top_rank.clamp(max=vocab - 1).unsqueeze(1), temperature=temperature.unsqueeze(1))
 
 
