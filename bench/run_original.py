@@ -91,8 +91,7 @@ def main() -> None:
         options = dict(use_cuda_graph=args.cuda_graph, use_torch_compile=args.torch_compile)
         config = GenerationConfig(text=SamplingConfig(temperature=0.0), audio=SamplingConfig(temperature=0.0),
                                   cfg_scale=args.cfg_scale, cfg_filter_k=args.cfg_filter_k, **options)
-        if device.type == "cuda":
-            model.generate(args.script, config=config)  # warm-up (and capture or compilation)
+        model.generate(args.script, config=config)  # warm-up (and capture or compilation)
         result = model.generate(args.script, config=config)
         seconds, steps = loops[-1]
         kernels = None
