@@ -2,7 +2,7 @@
 
     python bench/run_original.py --src DIR --shape tiny|1b|2b --device cpu|cuda --seed S --script TEXT
                                  [--cfg-scale S] [--cfg-filter-k K] [--cuda-graph] [--torch-compile]
-                                 [--count-kernels]
+                                 [--count-kernels] [--threads T]
 
 `python -m dia2_worker.bench --modes original` runs this in a subprocess, so `dia2_worker` never imports the
 original (or transformers). The checkpoint is the one the benchmark's engine is built from (the same seeded
@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true")
     parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--count-kernels", action="store_true")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (the benchmark passes its own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sys.path.insert(0, str(args.src))
     import dia2.engine
     from dia2 import GenerationConfig, SamplingConfig

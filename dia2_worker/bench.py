@@ -386,7 +386,8 @@ def run_original(src: Path, shape: str, device: torch.device, seed: int, script:
                  ) -> dict[str, Any]:
     """bench/run_original.py in a subprocess (see there); its JSON report."""
     command = [sys.executable, str(ROOT / "bench" / "run_original.py"), "--src", str(src), "--shape", shape,
-               "--device", device.type, "--seed", str(seed), "--script", script, "--count-kernels"]
+               "--device", device.type, "--seed", str(seed), "--script", script, "--count-kernels",
+               "--threads", str(torch.get_num_threads())]
     command += [flag for flag, on in (("--cuda-graph", options["use_cuda_graph"]),
                                       ("--torch-compile", options["use_torch_compile"])) if on]
     done = subprocess.run(command, capture_output=True, text=True)
