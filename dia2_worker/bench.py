@@ -474,7 +474,7 @@ def run(shape: str, device: str | torch.device, modes: list[str] | None = None, 
         "seed": seed,
         "wall_s": time.perf_counter() - started,
         "machine": {**machine(target), "cuda": torch.version.cuda,
-                    "float32_matmul_precision": torch.get_float32_matmul_precision(), **_git()},
+                    "float32_matmul_precision": torch.get_float32_matmul_precision()},
         "results": results,
         "streams_realtime": (max(realtime) if realtime else 0) if concurrency else None,
     }
@@ -565,7 +565,7 @@ def run_kernels(shape: str, device: str | torch.device, batches: list[int], seed
         "model": {"parameters": parameter_count(engine.config), "weights": f"random, seed {seed}"},
         "seed": seed,
         "wall_s": time.perf_counter() - started,
-        "machine": {**machine(target), "cuda": torch.version.cuda, **_git()},
+        "machine": {**machine(target), "cuda": torch.version.cuda},
         "results": results,
     }
 
@@ -609,21 +609,6 @@ def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _git() -> dict[str, Any]:
-    """The checkout's commit and whether it has local changes (None outside a git checkout)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("--no-optional-locks", "status", "--porcelain")
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def progress(call: Callable[[], object], total: int, label: str) -> Callable[[], object]:
