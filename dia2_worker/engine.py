@@ -191,6 +191,7 @@ class Dia2Engine:
         dep = config.model.depformer
         stage_rope = rope_tables(dep.gqa_head_dim, config.model.rope_min_timescale, config.model.rope_max_timescale,
                                  max(config.num_stages, 1), device)
+        # Per stage: q's and k's norm weights and RoPE at that stage, as matrices (see Depformer.rotations).
         self.stage_ropes = [model.depformer.rotations(stage_rope[:, s]) if dep.apply_rope else None
                             for s in range(config.num_stages)]
         self._ropes: dict[int, torch.Tensor] = {}
