@@ -34,9 +34,10 @@ REGIONS = ("backbone", "depformer", "sampling", "text machine", "codec decode")
 OTHER = "sampling"
 FUSED = (F.scaled_dot_product_attention, F.rms_norm)
 """Functions that run as one kernel on CUDA and decompose into several operators on the CPU."""
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "_to_copy_noop",
-              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_nonzero", "resize_"}
-_HOST_SYNC = {"_local_scalar_dense", "item", "nonzero", "equal"}
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "alias", "resize_",
+              "sym_size", "sym_stride", "sym_numel", "sym_storage_offset"}
+_HOST_SYNC = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal"}
+"""Operators whose result the host waits for (a value read back, a data-dependent shape)."""
 
 
 def region_codes() -> dict[CodeType, str]:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script is the full 8-minute run")
 def test_gpu_script_smoke_run_on_the_cpu(tmp_path):
     """bash bench/gpu.sh without CUDA: every stage runs on the tiny shape and writes its JSON."""
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # tiny: fastest
     done = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((tmp_path / "gpu-summary.json").read_text())

@@ -27,6 +27,15 @@ CFG_SCALES = (1.0, 1.5, 2.0, 3.0)
 FILTER_KS = (1, 3, 20, 50)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model runs fastest on one thread (both runtimes): CI has two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def original(tiny_dir):
     """The original runtime on the tiny checkpoint, its final Mimi decode skipped: the comparison is of tokens
