@@ -1,27 +1,31 @@
 """Dia2 generation speed per execution mode, side by side, on random weights of the published shapes.
 
-  python -m dia2_worker.bench [--shape tiny|1b|2b] [--frames N] [--modes reference-like,eager-fp32,...]
-                              [--concurrency 1,2,4,...] [--device cpu|cuda] [--seed S] [--threads T] [--json OUT]
+  python -m dia2_worker.bench [--shape tiny|1b|2b] [--frames N] [--modes eager-fp32,eager-bf16,graph,...]
+                              [--concurrency 1,2,4,...] [--kernels [--batch 1,64]] [--original-src DIR]
+                              [--device cpu|cuda] [--seed S] [--threads T] [--json OUT]
 
-Every speed-up is a ratio measured in one run, so each mode is one switch away from the next:
-`reference-like` is the original runtime's choices (float32, every sampled token read back to the host as
-it is drawn, outputs read at once), `eager-fp32` drops the host round trips (outputs read back two steps
-late), `eager-bf16` halves the bytes, `graph` replays the whole step as one CUDA graph. Per mode: ms per
-frame (p50/p90 of the interval between step completions, CUDA events on a GPU), an eager profiling pass
-that splits a step into backbone / depformer / the rest (CFG, sampling, text machine, bookkeeping, host
-syncs), one streaming Mimi decode call per frame, RTF, time to first audio (submit -> first PCM on the
-host) and peak GPU memory; and token checks: greedy and seeded tokens equal to the first mode of the same
-dtype, seeded sampling repeating exactly. `--concurrency` instead runs one mode at each batch size: the
-same timings, audio seconds per wall second, whether the batch keeps real time, and the time to first
-audio of a job joining the loaded batch.
+Every speed-up is a ratio measured in one run, so each mode is one switch away from the next: `eager-fp32`
+is our engine in float32 with outputs read back two steps late, `eager-bf16` halves the bytes, `graph`
+replays the whole step as one CUDA graph, `graph-compiled` fuses its kernels with torch.compile. Per mode:
+ms per frame (p50/p90 of the interval between step completions, CUDA events on a GPU), an eager profiling
+pass that splits a step into backbone / depformer / the rest (CFG, sampling, text machine, bookkeeping),
+one streaming Mimi decode call per frame, RTF, time to first audio (submit -> first PCM on the host) and
+peak GPU memory; and token checks: greedy and seeded tokens equal to the first mode of the same dtype,
+seeded sampling repeating exactly. `original` runs the original nari-labs runtime (its source from
+--original-src) on the same checkpoint and a greedy script, beside our engine on the same script: ms per
+frame, kernels per frame and whether the tokens match. `--concurrency` instead runs one mode at each
+batch size: the same timings, audio seconds per wall second, whether the batch keeps real time, and the
+time to first audio of a job joining the loaded batch. `--kernels` counts the kernels of a serving frame
+(see dia2_worker.kernels) at each `--batch` size.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
-import re
+import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +33,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ from .graphs import capture, cover, kv_buckets
 from .mimi.bench import machine
 from .mimi.streaming import StreamingDecoder
 from .random_model import DEMO_CONFIG, DEMO_MIMI_CONFIG, random_engine
-from .scheduler import BatchRunner, Emitted, Slot
+from .batch import BatchRunner, Emitted, RunMode, Slot
 from .shapes import parameter_count, published_config
 
 SHAPES = ("tiny", "1b", "2b")
@@ -48,10 +52,13 @@ WARMUP_FRAMES = 3
 TTFA_REPEATS = 3
 """Time to first audio is the median of this many joins."""
 LAG = 2
-"""Steps in flight before their outputs are read back, for every mode but reference-like."""
+"""Steps in flight before their outputs are read back."""
 SCRIPT = ("[S1] Hello there, how have you been lately? [S2] Busy, honestly, but the new project is going "
           "well and we ship next week.")
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"
+ROOT = Path(__file__).resolve().parent.parent
+ORIGINAL = "original"
+"""The mode that runs the original runtime (bench/run_original.py, in a subprocess)."""
+DEFAULT_ORIGINAL_SRC = ROOT.parent / "shared" / "reference" / "nari-dia2"
 
 
 @dataclass(frozen=True)
@@ -59,28 +66,30 @@ class Mode:
     """How a step is executed; the model and its tokens are the same in every mode of one dtype."""
 
     dtype: torch.dtype
-    host_sync: bool  # read each sampled token back to the host as it is drawn (per stage)
-    lag: int         # steps in flight before their outputs are read back
-    graphs: bool     # the whole step replayed as one CUDA graph (and the Mimi decode step as another)
-    compile: bool = False  # the step's kernels fused by torch.compile (inside the graph)
+    run: RunMode  # as the serving scheduler runs it (graphs: the Mimi decode step is replayed as a graph too)
 
 
 MODES = {
-    "reference-like": Mode(torch.float32, host_sync=True, lag=0, graphs=False),
-    "eager-fp32": Mode(torch.float32, host_sync=False, lag=LAG, graphs=False),
-    "eager-bf16": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=False),
-    "graph": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=True),
-    "graph-compiled": Mode(torch.bfloat16, host_sync=False, lag=LAG, graphs=True, compile=True),
+    "eager-fp32": Mode(torch.float32, RunMode(lag=LAG)),
+    "eager-bf16": Mode(torch.bfloat16, RunMode(lag=LAG)),
+    "graph": Mode(torch.bfloat16, RunMode(graphs=True, lag=LAG)),
+    "graph-compiled": Mode(torch.bfloat16, RunMode(graphs=True, compile=True, lag=LAG)),
 }
+MODE_NAMES = (*MODES, ORIGINAL)
 
 
 def default_modes(device: torch.device, concurrency: bool) -> list[str]:
-    """Everything the device runs well: graphs need CUDA, and bf16 on a CPU is emulated and slow."""
+    """Everything the device runs well: graphs need CUDA, and bf16 on a CPU is emulated and slow. Compiling
+    takes minutes and the original runtime runs whole generations (minutes on a CPU for 2B): ask for them."""
     if concurrency:
         return ["graph" if device.type == "cuda" else "eager-fp32"]
     if device.type == "cuda":
-        return [name for name, mode in MODES.items() if not mode.compile]  # compiling takes minutes: ask for it
-    return ["reference-like", "eager-fp32"]
+        return [name for name, mode in MODES.items() if not mode.run.compile]
+    return ["eager-fp32"]
+
+
+def original_available(src: Path) -> bool:
+    return (src / "dia2" / "__init__.py").is_file()
 
 
 class Clock:
@@ -115,11 +124,15 @@ class Clock:
         return [self.ms(a, b) for a, b in zip(marks, marks[1:])]
 
 
+def configs(shape: str) -> tuple[dict, dict]:
+    """Dia2 and Mimi config dicts: "tiny" is the demo model and codec; 1b/2b the published shapes with
+    kyutai/mimi's real codec shape (an empty Mimi config is MimiConfig's defaults, the published values)."""
+    return (DEMO_CONFIG, DEMO_MIMI_CONFIG) if shape == "tiny" else (published_config(shape), {})
+
+
 def build_engine(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> Dia2Engine:
-    """Random weights: "tiny" is the demo model and codec; 1b/2b the published shapes with kyutai/mimi's real
-    codec shape (an empty Mimi config is MimiConfig's defaults, the published values)."""
-    configs = (DEMO_CONFIG, DEMO_MIMI_CONFIG) if shape == "tiny" else (published_config(shape), {})
-    engine = random_engine(*configs, device, dtype, seed)
+    """Random weights of `configs(shape)`."""
+    engine = random_engine(*configs(shape), device, dtype, seed)
     # random_mimi assigns the weights on `device` but leaves RoPE's non-persistent `inv_freq` buffer on the
     # CPU, where the meta-device skeleton builds it; decoding on a GPU needs it moved.
     engine.codec.to(device)
@@ -154,14 +167,14 @@ def requests(engine: Dia2Engine, seed: int) -> dict[str, GenerationRequest]:
 
 
 def new_runner(engine: Dia2Engine, mode: Mode, batch: int) -> BatchRunner:
-    return BatchRunner(engine, batch, engine.buffer_length(), decode_audio=False, lag=mode.lag, graphs=mode.graphs,
-                       host_sync=mode.host_sync, compile=mode.compile)
+    return BatchRunner(engine, batch, engine.buffer_length(), decode_audio=False,
+                       mode=mode.run)
 
 
 def _run(runner: BatchRunner, plans: list[GenerationPlan], steps: int, clock: Clock) -> tuple[list[Slot], list[float]]:
     """Join every plan, then step the batch `steps` times: the slots and the ms of each step."""
     slots = [runner.join(plan)[0] for plan in plans]
-    ms = clock.each(runner.step, steps)
+    ms = clock.each(progress(runner.step, steps, f"{steps} steps"), steps)
     _check_running(slots)
     return slots, ms
 
@@ -201,9 +214,9 @@ def first_audio_ms(runner: BatchRunner, engine: Dia2Engine, request: GenerationR
     return 1000 * elapsed
 
 
-def split_ms(engine: Dia2Engine, mode: Mode, plan: GenerationPlan, frames: int, clock: Clock) -> dict[str, float]:
+def split_ms(engine: Dia2Engine, plan: GenerationPlan, frames: int, clock: Clock) -> dict[str, float]:
     """Median ms per frame of the backbone, the depformer (all stages) and the rest of the step (CFG, sampling,
-    text state machine, delay bookkeeping, host syncs), from an eager pass of `engine.step` with marks around
+    text state machine, delay bookkeeping), from an eager pass of `engine.step` with marks around
     each model call. A graph replay has no such boundaries: graph mode reports its dtype's eager split."""
     state = engine.new_state(1, plan.buffer_length)
     engine.start(state, 0, plan)
@@ -230,7 +243,7 @@ def split_ms(engine: Dia2Engine, mode: Mode, plan: GenerationPlan, frames: int, 
         for _ in range(WARMUP_FRAMES + frames):
             spans.append({"backbone": [], "depformer": []})
             start = clock.mark()
-            engine.step(state, kv_len, host_sync=mode.host_sync)
+            engine.step(state, kv_len)
             spans[-1]["step"] = [(start, clock.mark())]
     finally:
         for hook in hooks:
@@ -278,7 +291,7 @@ def measure(engine: Dia2Engine, mode: Mode, batch: int, frames: int, request: Ge
         "ms_per_frame_p50": float(np.percentile(timed, 50)),
         "ms_per_frame_p90": float(np.percentile(timed, 90)),
         "ms_per_frame_mean": statistics.fmean(timed),
-        "codec_ms_per_frame": codec_ms(engine, batch, frames, mode.graphs, clock),
+        "codec_ms_per_frame": codec_ms(engine, batch, frames, mode.run.graphs, clock),
         "ttfa_ms": statistics.median(ttfa),
     }, runner, drawn
 
@@ -294,7 +307,8 @@ def entry(engine: Dia2Engine, shape: str, name: str, batch: int, frames: int, ti
     return {
         "device": device_name(device), "shape": shape, "mode": name, "dtype": str(mode.dtype).removeprefix("torch."),
         "batch": batch, "frames": frames, **timings,
-        "codec_graphed": mode.graphs,
+        "codec_graphed": mode.run.graphs,
+        "batch_invariant": engine.batch_invariant,  # the numerics policy (model.set_batch_invariant)
         "split_ms": split,
         "rtf": (timings["ms_per_frame_p50"] + codec) / frame_ms,
         "audio_s_per_wall_s": batch * frame_ms / (timings["ms_per_frame_mean"] + codec),
@@ -331,7 +345,7 @@ def mode_entry(engine: Dia2Engine, shape: str, name: str, frames: int, seed: int
     drawn = {"sampled": sampled, "greedy": tokens(runner, engine.prepare(reqs["greedy"]), steps, clock)}
     again = tokens(runner, engine.prepare(reqs["sampled"]), steps, clock)
     del runner  # its state (and graph) before the split pass allocates another
-    split = split_ms(engine, mode, engine.prepare(reqs["greedy"]), frames, clock)
+    split = split_ms(engine, engine.prepare(reqs["greedy"]), frames, clock)
     base_name, base = baseline or (None, None)
     checks = {
         "baseline": base_name,
@@ -350,10 +364,68 @@ def batch_entry(engine: Dia2Engine, shape: str, name: str, batch: int, frames: i
     return entry(engine, shape, name, batch, frames, timings)
 
 
-def run_modes(engines: Engines, names: list[str], frames: int, seed: int, clock: Clock) -> list[dict[str, Any]]:
+def greedy_run(engine: Dia2Engine, mode: Mode, request: GenerationRequest,
+               clock: Clock) -> tuple[torch.Tensor, list[float]]:
+    """One generation run to its end in `mode`: its output tokens [C, T] and the ms of each step."""
+    runner = new_runner(engine, mode, 1)
+    slot, emitted = runner.join(engine.prepare(request))
+    frames = [f.tokens for f in emitted.frames]
+    marks = [clock.mark()]
+    while not emitted.finished:
+        emitted = runner.step().get(slot, Emitted())
+        frames += [f.tokens for f in emitted.frames]
+        marks.append(clock.mark())
+    clock.sync()
+    C = engine.config.num_codebooks
+    tokens = torch.stack(frames, dim=1) if frames else torch.zeros(C, 0, dtype=torch.long)
+    return tokens, [clock.ms(a, b) for a, b in zip(marks, marks[1:])]
+
+
+def run_original(src: Path, shape: str, device: torch.device, seed: int, script: str, options: dict[str, bool],
+                 ) -> dict[str, Any]:
+    """bench/run_original.py in a subprocess (see there); its JSON report."""
+    command = [sys.executable, str(ROOT / "bench" / "run_original.py"), "--src", str(src), "--shape", shape,
+               "--device", device.type, "--seed", str(seed), "--script", script, "--count-kernels",
+               "--threads", str(torch.get_num_threads())]
+    command += [flag for flag, on in (("--cuda-graph", options["use_cuda_graph"]),
+                                      ("--torch-compile", options["use_torch_compile"])) if on]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the original runtime failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def original_entry(engines: Engines, src: Path, seed: int, clock: Clock, compile_original: bool) -> dict[str, Any]:
+    """The original runtime beside our engine, both greedy on SCRIPT from the same random checkpoint: ms per
+    frame, kernels per frame (counted alike; ours without the streaming decode, which the original does not
+    run per frame) and the tokens compared. On a GPU both run at their best: ours as
+    graphs, the original with its own CUDA graphs (and torch.compile when asked); on a CPU both in float32."""
+    device = engines.device
+    ours_mode = "graph" if device.type == "cuda" else "eager-fp32"
+    engine = engines.get(MODES[ours_mode].dtype)
+    request = GenerationRequest(SCRIPT, GenerationParams(text_temperature=0.0, audio_temperature=0.0, seed=seed))
+    ours, step_ms = greedy_run(engine, MODES[ours_mode], request, clock)
+    options = {"use_cuda_graph": device.type == "cuda", "use_torch_compile": compile_original}
+    theirs = run_original(src, engines.shape, device, seed, SCRIPT, options)
+    kernels = kernel_entry(engine, engines.shape, 1, seed, gpu_path=False)["step_kernels_per_frame"]
+    return {
+        "device": device_name(device), "shape": engines.shape, "mode": ORIGINAL, "dtype": theirs["dtype"],
+        "batch": 1, "frames": theirs["frames"], "original_options": options,
+        "ms_per_frame": theirs["ms_per_frame"], "kernels_per_frame": theirs["kernels_per_frame"],
+        "ours": {"mode": ours_mode, "frames": len(step_ms), "ms_per_frame_p50": float(np.percentile(step_ms, 50)),
+                 "kernels_per_frame": kernels},
+        "checks": {"greedy_matches_original": torch.equal(ours, torch.tensor(theirs["tokens"]))},
+    }
+
+
+def run_modes(engines: Engines, names: list[str], frames: int, seed: int, clock: Clock,
+              original_src: Path | None = None, compile_original: bool = False) -> list[dict[str, Any]]:
     """One stream per mode; each mode's tokens are checked against the first mode of its dtype."""
     results, baselines = [], {}
     for name in names:
+        if name == ORIGINAL:
+            results.append(original_entry(engines, original_src, seed, clock, compile_original))
+            continue
         dtype = MODES[name].dtype
         result, drawn = mode_entry(engines.get(dtype), engines.shape, name, frames, seed, clock, baselines.get(dtype))
         baselines.setdefault(dtype, (name, drawn))
@@ -374,19 +446,20 @@ def run_sweep(engines: Engines, names: list[str], batches: list[int], frames: in
 
 
 def run(shape: str, device: str | torch.device, modes: list[str] | None = None, frames: int = 200, seed: int = 0,
-        concurrency: list[int] | None = None) -> dict[str, Any]:
+        concurrency: list[int] | None = None, original_src: Path | None = None,
+        compile_original: bool = False) -> dict[str, Any]:
     """The whole benchmark as a JSON-ready report (modes: None for `default_modes`)."""
     target = torch.device(device)
     modes = modes or default_modes(target, bool(concurrency))
-    check_modes(target, modes)
+    check_modes(target, modes, bool(concurrency), original_src)
     engines, clock = Engines(shape, target, seed), Clock(target)
     started = time.perf_counter()
     if concurrency:
         results = run_sweep(engines, modes, concurrency, frames, seed, clock)
     else:
-        results = run_modes(engines, modes, frames, seed, clock)
+        results = run_modes(engines, modes, frames, seed, clock, original_src, compile_original)
     config = engines.engine.config
-    realtime = [r["batch"] for r in results if r["realtime"]]
+    realtime = [r["batch"] for r in results if r.get("realtime")]
     return {
         "benchmark": "dia2 generation",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -400,15 +473,126 @@ def run(shape: str, device: str | torch.device, modes: list[str] | None = None, 
         "seed": seed,
         "wall_s": time.perf_counter() - started,
         "machine": {**machine(target), "cuda": torch.version.cuda,
-                    "float32_matmul_precision": torch.get_float32_matmul_precision(), **_git()},
+                    "float32_matmul_precision": torch.get_float32_matmul_precision()},
         "results": results,
         "streams_realtime": (max(realtime) if realtime else 0) if concurrency else None,
     }
 
 
-def check_modes(device: torch.device, modes: list[str]) -> None:
-    if device.type != "cuda" and any(MODES[name].graphs for name in modes):
+KERNEL_FRAMES = 2
+"""Frames counted (after as many warm-up frames); the count is the same every frame."""
+GRAPH_REPLAYS = 20
+"""Replays of a frame's graph timed for the cost per kernel."""
+KERNEL_STATE_FRAMES = 64
+"""Buffer frames of the state the count steps: the count does not depend on the cache length, and a short
+cache keeps batch 64 of the 2B shape within a CPU host's memory."""
+
+
+def frame_call(engine: Dia2Engine, batch: int, seed: int) -> Callable[[], object]:
+    """One serving frame for `batch` generations (default sampling settings, CFG on): the step of every row,
+    then one streaming Mimi decode call for all of them."""
+    base = engine.prepare(GenerationRequest(SCRIPT, GenerationParams(seed=seed)))
+    state = engine.new_state(batch, KERNEL_STATE_FRAMES, *base.text.capacity)
+    for row in range(batch):
+        plan = engine.prepare(GenerationRequest(SCRIPT, GenerationParams(seed=seed + row)))
+        engine.start(state, row, replace(plan, buffer_length=KERNEL_STATE_FRAMES))
+    codec = engine.codec
+    decoder = codec.streaming_decoder(batch)
+    active = torch.ones(batch, dtype=torch.bool, device=engine.device)
+
+    def frame() -> torch.Tensor:
+        with torch.inference_mode():
+            out = engine.step(state, kv_len=state.length)
+            codes = out.frame_tokens.clamp(max=codec.codebook_size - 1).unsqueeze(-1)
+            return decoder.step(codes, active).flatten(1).float()
+
+    return frame
+
+
+def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int, gpu_path: bool = True) -> dict[str, Any]:
+    """Kernels per serving frame by region (see dia2_worker.kernels for how they are counted), on the GPU's code
+    path (`gpu_path`; else the device's own)."""
+    from . import kernels
+
+    with kernels.gpu_code_path(engine.model) if gpu_path else contextlib.nullcontext():
+        frame = frame_call(engine, batch, seed)
+        for _ in range(KERNEL_FRAMES):
+            frame()
+        graph_total = replay_ms = None
+        if engine.device.type == "cuda":
+            counts: dict[str, int] = {}
+            for _ in range(KERNEL_FRAMES):
+                for region, count in kernels.count_cuda_kernels(frame).items():
+                    counts[region] = counts.get(region, 0) + count
+            replay, _ = capture(frame)
+            graph_total = kernels.count_graph_kernels(replay)
+            clock = Clock(engine.device)
+            replay_ms = statistics.median(clock.each(replay, GRAPH_REPLAYS))
+            host_syncs = None
+        else:
+            with kernels.count_operators() as counter:
+                for _ in range(KERNEL_FRAMES):
+                    frame()
+            counts, host_syncs = dict(counter.counts), dict(counter.host_syncs)
+    by_region = {region: counts.get(region, 0) / KERNEL_FRAMES for region in kernels.REGIONS}
+    eager_total = sum(by_region.values())
+    return {
+        "device": device_name(engine.device), "shape": shape, "batch": batch,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "counted": "CUDA kernels (profiler)" if engine.device.type == "cuda" else "leaf operators",
+        "batch_invariant": False if gpu_path else engine.batch_invariant,
+        "kernels_per_frame": graph_total if graph_total is not None else eager_total,
+        "kernels_by_region": by_region,
+        "step_kernels_per_frame": eager_total - by_region["codec decode"],
+        "eager_kernels_per_frame": eager_total,
+        "host_syncs_per_frame": None if host_syncs is None else sum(host_syncs.values()) / KERNEL_FRAMES,
+        # CUDA: one replay of the frame's graph, and what each of its kernels costs on average.
+        "graph_ms_per_frame": replay_ms,
+        "graph_us_per_kernel": None if replay_ms is None else 1000 * replay_ms / graph_total,
+    }
+
+
+def run_kernels(shape: str, device: str | torch.device, batches: list[int], seed: int = 0) -> dict[str, Any]:
+    """Kernels per frame of the serving path (bf16, the GPU code path) at each batch size, as a report."""
+    target = torch.device(device)
+    started = time.perf_counter()
+    engine = build_engine(shape, target, torch.bfloat16, seed)
+    results = [kernel_entry(engine, shape, batch, seed) for batch in progress_over(batches, "batch")]
+    return {
+        "benchmark": "dia2 kernels per frame",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "shape": shape,
+        "model": {"parameters": parameter_count(engine.config), "weights": f"random, seed {seed}"},
+        "seed": seed,
+        "wall_s": time.perf_counter() - started,
+        "machine": {**machine(target), "cuda": torch.version.cuda},
+        "results": results,
+    }
+
+
+def kernel_table(report: dict[str, Any]) -> str:
+    from .kernels import REGIONS
+
+    head = ("batch", "kernels/frame", *REGIONS)
+    lines = [f"{report['shape']} on {report['results'][0]['device']}, bf16, "
+             f"{report['results'][0]['counted']} per frame",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["results"]:
+        row = (str(r["batch"]), f"{r['kernels_per_frame']:.0f}",
+               *(f"{r['kernels_by_region'][region]:.0f}" for region in REGIONS))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def check_modes(device: torch.device, modes: list[str], concurrency: bool = False,
+                original_src: Path | None = None) -> None:
+    if device.type != "cuda" and any(name in MODES and MODES[name].run.graphs for name in modes):
         raise ValueError("graph mode needs a CUDA device")
+    if ORIGINAL in modes:
+        if concurrency:
+            raise ValueError("--concurrency runs our engine's modes, not the original")
+        if original_src is None or not original_available(original_src):
+            raise ValueError(f"--original-src: no original Dia2 runtime (dia2/__init__.py) in {original_src}")
 
 
 def device_name(device: torch.device) -> str:
@@ -427,30 +611,34 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _git() -> dict[str, Any]:
-    """The checkout's commit and whether it has local changes (None outside a git checkout)."""
-    root = Path(__file__).resolve().parent.parent
+def progress(call: Callable[[], object], total: int, label: str) -> Callable[[], object]:
+    """`call`, printing `label: done/total` over one line of a terminal's stderr (silent when not a terminal)."""
+    if not sys.stderr.isatty():
+        return call
+    done = 0
 
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
+    def counted() -> object:
+        nonlocal done
+        result = call()
+        done += 1
+        print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        return result
 
-    commit = git("rev-parse", "HEAD")
-    status = git("--no-optional-locks", "status", "--porcelain")
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+    return counted
 
 
-def default_json_path(report: dict[str, Any]) -> Path:
-    """bench/results/bench-<device>-<date>-<shape>[-concurrency].json"""
-    slug = re.sub(r"[^a-z0-9]+", "-", report["results"][0]["device"].lower()).strip("-")
-    kind = "-concurrency" if report["streams_realtime"] is not None else ""
-    return RESULTS_DIR / f"bench-{slug}-{report['date'][:10]}-{report['shape']}{kind}.json"
+def progress_over(items: list, label: str) -> Iterator:
+    """The items, printing which one is running over one line of a terminal's stderr."""
+    for i, item in enumerate(items):
+        if sys.stderr.isatty():
+            print(f"\r{label} {item} ({i + 1}/{len(items)})", end="", file=sys.stderr, flush=True)
+        yield item
+    if sys.stderr.isatty() and items:
+        print(file=sys.stderr)
 
 
 def table(report: dict[str, Any]) -> str:
-    """A Markdown table of the results (ms unless named)."""
+    """A Markdown table of the results (ms unless named), then the original runtime's rows."""
     def num(value: float | None, digits: int = 1) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
@@ -467,12 +655,23 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"{report['shape']} on {report['results'][0]['device']}, {report['frames']} frames",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
+        if r["mode"] == ORIGINAL:
+            continue
         split = r["split_ms"] or {}
         row = (r["mode"], str(r["batch"]), num(r["ms_per_frame_p50"]), num(r["ms_per_frame_p90"]),
                num(split.get("backbone")), num(split.get("depformer")), num(split.get("sampling")),
                num(r["codec_ms_per_frame"]), num(r["rtf"], 3), num(r["audio_s_per_wall_s"], 2),
                "yes" if r["realtime"] else "no", num(r["ttfa_ms"], 0), num(r["peak_mem_gb"], 2), check(r["checks"]))
         lines.append("| " + " | ".join(row) + " |")
+    for r in report["results"]:
+        if r["mode"] == ORIGINAL:
+            ours, same = r["ours"], r["checks"]["greedy_matches_original"]
+            options = ", ".join(name for name, on in r["original_options"].items() if on) or "eager"
+            lines.append(f"original runtime ({r['dtype']}, {options}): {num(r['ms_per_frame'])} ms/frame, "
+                         f"{num(r['kernels_per_frame'], 0)} kernels/frame over {r['frames']} greedy frames; ours "
+                         f"({ours['mode']}): {num(ours['ms_per_frame_p50'])} ms/frame, "
+                         f"{num(ours['kernels_per_frame'], 0)} kernels/frame; greedy tokens "
+                         + ("equal" if same else "DIFFER"))
     if report["streams_realtime"] is not None:
         lines.append(f"largest real-time batch: {report['streams_realtime']}")
     return "\n".join(lines)
@@ -480,9 +679,9 @@ def table(report: dict[str, Any]) -> str:
 
 def _names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in MODES]
+    unknown = [name for name in names if name not in MODE_NAMES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown modes {unknown}; known: {', '.join(MODES)}")
+        raise argparse.ArgumentTypeError(f"unknown modes {unknown}; known: {', '.join(MODE_NAMES)}")
     return names
 
 
@@ -505,37 +704,55 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dia2_worker.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=SHAPES, default="2b")
+    parser.add_argument("--shape", choices=SHAPES, help="model shape (default: 2b on CUDA, tiny on a CPU)")
     parser.add_argument("--frames", type=_positive, default=200, help="timed frames per mode or batch size")
     parser.add_argument("--modes", type=_names,
-                        help=f"comma-separated, of {', '.join(MODES)} (default: all the device runs well; "
-                             "with --concurrency: graph on CUDA, eager-fp32 on CPU)")
+                        help=f"comma-separated, of {', '.join(MODE_NAMES)} (default: eager-fp32, eager-bf16 and graph "
+                             "on CUDA, eager-fp32 on CPU; with --concurrency: graph on CUDA, eager-fp32 on CPU)")
     parser.add_argument("--concurrency", type=_sizes, help="batch sizes to sweep, e.g. 1,2,4,8")
+    parser.add_argument("--kernels", action="store_true",
+                        help="count the kernels of a serving frame by region instead (bf16, the GPU code path)")
+    parser.add_argument("--batch", type=_sizes, default=[1], help="with --kernels: batch sizes, e.g. 1,64")
+    parser.add_argument("--original-src", type=Path,
+                        default=Path(os.environ.get("DIA2_ORIGINAL_SRC", DEFAULT_ORIGINAL_SRC)),
+                        help="the original nari-labs/dia2 checkout for the original mode (default: $DIA2_ORIGINAL_SRC, "
+                             "else ../shared/reference/nari-dia2)")
+    parser.add_argument("--compile-original", action="store_true",
+                        help="run the original with its use_torch_compile too (on CUDA; compiling takes minutes)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="weights and generation seed")
     parser.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--json", type=Path,
-                        help="where to write the report (default: bench/results/bench-<device>-<date>-<shape>...)")
+    parser.add_argument("--json", type=Path, help="also write the report here (nothing is written without it)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """Run, print the table, write the JSON; returns the JSON's path."""
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run, print the table, write the JSON when asked; returns the report."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        check_modes(torch.device(args.device), args.modes or [])
-    except ValueError as exc:
-        parser.error(str(exc))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    shape = args.shape or ("2b" if device.type == "cuda" else "tiny")
+    if not args.kernels:
+        try:
+            check_modes(device, args.modes or [], bool(args.concurrency), args.original_src)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args.shape, args.device, args.modes, args.frames, args.seed, args.concurrency)
-    path = args.json or default_json_path(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
-    print(f"wrote {path}", file=sys.stderr)
-    return path
+    if args.kernels:
+        report = run_kernels(shape, device, args.batch, args.seed)
+        print(kernel_table(report))
+    else:
+        report = run(shape, device, args.modes, args.frames, args.seed, args.concurrency, args.original_src,
+                     args.compile_original)
+        print(table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return report
 
 
 if __name__ == "__main__":

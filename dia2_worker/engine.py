@@ -27,7 +27,7 @@ from .generation import (AudioFrame, Event, GenerationPlan, GenerationRequest, G
 from .model import Dia2Model, KVCache, rope_tables
 from .output import NOT_SET, StepOutput
 from .params import GenerationParamError, GenerationParams
-from .sampling import SamplingParams, guide, sample, uniform
+from .sampling import FrameDraws, SamplingParams
 from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, normalize_script, parse_script,
                    prefix_entries, text_step)
 
@@ -94,12 +94,14 @@ class Dia2Engine:
         self.ahead = data.second_stream_ahead
         self.delays = torch.tensor(data.delay_pattern, device=device)
         self.uncond_text = torch.tensor([[self.ids.zero, self.ids.pad]], device=device)  # the unconditional branch's text
+        self.banned_cb0 = torch.tensor([data.audio_pad_token_id, data.audio_bos_token_id], device=device)
         self.max_delay = data.max_delay
         self.flush_frames = self.max_delay + MAX_PADDING
         dep = config.model.depformer
         stage_rope = rope_tables(dep.gqa_head_dim, config.model.rope_min_timescale, config.model.rope_max_timescale,
                                  max(config.num_stages, 1), device)
-        self.stage_ropes = [stage_rope[:, s].view(2, 1, 1, 1, -1) if dep.apply_rope else None
+        # Per stage: q's and k's norm weights and RoPE at that stage, as matrices (see Depformer.rotations).
+        self.stage_ropes = [model.depformer.rotations(stage_rope[:, s]) if dep.apply_rope else None
                             for s in range(config.num_stages)]
         self._ropes: dict[int, torch.Tensor] = {}
 
@@ -256,9 +258,7 @@ class Dia2Engine:
             raise ValueError(f"plan needs {plan.buffer_length} buffer frames, the state holds {state.length}")
         p = plan.params
         state.text.copy_row(row, plan.text)
-        state.sampling.load_row(row, text_temperature=p.text_temperature, text_top_k=p.text_top_k,
-                                audio_temperature=p.audio_temperature, audio_top_k=p.audio_top_k,
-                                cfg_scale=p.cfg_scale, cfg_filter_k=p.cfg_filter_k, seed=p.seed)
+        state.sampling.load_row(row, p)
         state.audio[row] = UNGENERATED
         state.text_tokens[row] = torch.tensor(plan.text_tokens)
         state.frame[row] = plan.start_frame
@@ -301,7 +301,7 @@ class Dia2Engine:
         if length not in self._ropes:
             m, dec = self.config.model, self.config.model.decoder
             self._ropes[length] = rope_tables(dec.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale,
-                                              length, self.device)
+                                              length, self.device, self.dtype)
         return self._ropes[length]
 
     @torch.no_grad()
@@ -326,28 +326,22 @@ class Dia2Engine:
             tokens.unsqueeze(1), self.rope(L)[:, positions].unsqueeze(-2), state.cache, slots, kv_len)
         hidden = hidden[:, 0]
 
-        text_token = sample(guide(action_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k), sp.text_temperature,
-                            sp.text_top_k, uniform(sp.seed, t, 0))
+        draws = FrameDraws(sp, t, 1 + C, max(action_logits.shape[-1], cb0_logits.shape[-1]))
+        text_token = draws.text(action_logits[:, 0])
         main, second, word_entry = text_step(state.text, t, text_token, torch.zeros_like(t, dtype=torch.bool), ids,
                                              self.ahead)
         first_seen = (state.first_word_frame == NOT_SET) & (main == ids.new_word)
         state.first_word_frame.copy_(torch.where(first_seen, t - state.initial_padding, state.first_word_frame))
         state.text_tokens.copy_(torch.stack([main, second], dim=1))
 
-        write_at = (t + 1).clamp(max=L - 1).unsqueeze(1)
-        guided = guide(cb0_logits[:, 0], sp.cfg_scale, sp.cfg_filter_k)
-        lowest = torch.finfo(guided.dtype).min
-        guided[:, data.audio_pad_token_id] = lowest
-        guided[:, data.audio_bos_token_id] = lowest
-        token = sample(guided, sp.audio_temperature, sp.audio_top_k, uniform(sp.seed, t, 1))
-        state.audio[:, 0].scatter_(1, write_at, token.unsqueeze(1))
-        main2, second2 = main.repeat_interleave(2), second.repeat_interleave(2)
+        token = draws.audio(cb0_logits[:, 0], 0, banned=self.banned_cb0)
+        drawn = [token]
         for s in range(cfg.num_stages):
-            logits = self.model.depformer(s, hidden, token.repeat_interleave(2), main2, second2, self.stage_ropes[s],
-                                          state.stage_cache)
-            token = sample(guide(logits, sp.cfg_scale, sp.cfg_filter_k), sp.audio_temperature, sp.audio_top_k,
-                           uniform(sp.seed, t, 2 + s))
-            state.audio[:, s + 1].scatter_(1, write_at, token.unsqueeze(1))
+            logits = self.model.depformer(s, hidden, token, main, second, self.stage_ropes[s], state.stage_cache)
+            token = draws.audio(logits, s + 1)
+            drawn.append(token)
+        write_at = (t + 1).clamp(max=L - 1).view(B, 1, 1).expand(B, C, 1)
+        state.audio.scatter_(2, write_at, torch.stack(drawn, dim=1).unsqueeze(2))
 
         end_step = state.text.end_step
         state.eos_cutoff.copy_(torch.where((state.eos_cutoff == NEVER) & (end_step >= 0),

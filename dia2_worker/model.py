@@ -1,7 +1,8 @@
 """Dia2's two transformers: the backbone (one step per 80 ms frame) and the depformer (one stage per codebook).
 
 Modules read like the math of the spec; every tensor they hold comes from the checkpoint (built on the
-meta device, then the checkpoint's tensors are assigned). Shapes: R rows (two CFG branches per
+meta device, then the checkpoint's tensors are assigned), or is derived from it once at load (q and k norm
+weights stacked per head). Shapes: R rows (two CFG branches per
 generation), T frames, E backbone width, d depformer width, D head dim. Caches are static: the
 backbone writes each frame's K/V at a per-row slot, the depformer at the stage index.
 """
@@ -33,12 +34,20 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T, plus `residual` in the same kernel when given."""
         if not self.batch_invariant or x.shape[0] <= ROWS_PER_GENERATION:
-            return F.linear(x, self.weight)
+            return self._project(x, residual)
         # A matrix product may round differently with more rows (another code path): one generation's rows at
         # a time, so its tokens are the same alone or in any batch.
-        return torch.cat([F.linear(rows, self.weight) for rows in x.split(ROWS_PER_GENERATION)])
+        parts = x.split(ROWS_PER_GENERATION)
+        residuals = [None] * len(parts) if residual is None else residual.split(ROWS_PER_GENERATION)
+        return torch.cat([self._project(part, res) for part, res in zip(parts, residuals)])
+
+    def _project(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if residual is None:
+            return F.linear(x, self.weight)
+        return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), self.weight.t()).view(residual.shape)
 
 
 class Embedding(nn.Module):
@@ -63,7 +72,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 so bf16 runs keep the statistics exact."""
+    """x * rsqrt(mean(x^2) + eps) * weight, in the model's dtype: the kernel accumulates in float32 itself."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -71,7 +80,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm of several heads at once, each head by its own row of `weight` (broadcast to x)."""
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+
+
+def stacked_norm_weights(norms: list[tuple[RMSNorm, int]]) -> torch.Tensor:
+    """One weight row per head, for `norm_heads` over heads whose norms are given as (norm, head count)."""
+    return torch.cat([norm.weight.expand(count, -1) for norm, count in norms])
 
 
 def attention_kernels(batch_invariant: bool) -> ContextManager:
@@ -81,20 +100,36 @@ def attention_kernels(batch_invariant: bool) -> ContextManager:
     return sdpa_kernel([SDPBackend.MATH]) if batch_invariant else contextlib.nullcontext()
 
 
-def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device) -> torch.Tensor:
-    """cos/sin over cat(angle, angle), angle = pos * (1 / timescale), in float32 as the original tables."""
+def rope_tables(head_dim: int, min_ts: float, max_ts: float, length: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[2, length, D] tables for `apply_rope`: cos(a) and sin(a) with the first half negated, over
+    a = cat(angle, angle), angle = pos * (1 / timescale); computed in float32 as the original's, then cast."""
     fraction = (2.0 * torch.arange(0, head_dim // 2, device=device)) / head_dim
     inv_timescale = 1.0 / (min_ts * (max_ts / min_ts) ** fraction)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_timescale)
-    angles = torch.cat([angles, angles], dim=-1)
-    return torch.stack([angles.cos(), angles.sin()])  # [2, length, D]
+    sin = angles.sin()
+    return torch.stack([torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)]).to(dtype)
+
+
+def rope_matrices(rope: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """RoPE at one position (rope: [2, D] of `rope_tables`) after each of N per-head norm weights [N, D], as
+    matrices [N, D, D]: x @ M[n] = apply_rope(x * weights[n], rope). One matrix product instead of five
+    elementwise kernels."""
+    D = rope.shape[-1]
+    cos, signed_sin = rope.reshape(2, D)
+    index = torch.arange(D, device=rope.device)
+    swapped = index.view(2, -1).flip(0).flatten()  # the other half's index
+    matrices = torch.zeros(weights.shape[0], D, D, dtype=weights.dtype, device=weights.device)
+    matrices[:, index, index] = weights * cos
+    matrices[:, swapped, index] = weights[:, swapped] * signed_sin
+    return matrices
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [R, T, H, D]; rope: [2, R, T, 1, D] gathered at each row's positions."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * rope[0] + torch.cat([-x2, x1], dim=-1) * rope[1]).to(x.dtype)
+    """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin, as x * cos + cat(x2, x1) * signed sin (the same bits).
+    x: [..., D]; rope: [2, ..., D] broadcast to x (gathered at each row's positions)."""
+    halves_swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return x * rope[0] + halves_swapped * rope[1]
 
 
 class MLP(nn.Module):
@@ -106,9 +141,9 @@ class MLP(nn.Module):
         self.wo = Linear(hidden, dim)
         self.act_gate, self.act_up = activation(activations[0]), activation(activations[1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = self.wi(x).chunk(2, dim=-1)
-        return self.wo(self.act_gate(gate) * self.act_up(up))
+        return self.wo(self.act_gate(gate) * self.act_up(up), residual)
 
 
 class TextEmbedding(nn.Module):
@@ -157,31 +192,38 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.heads * self.head_dim, cfg.n_embd)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        # q_norm's weight for each query head, then k_norm's for each K/V head: one norm for all (at load).
+        self.register_buffer("qk_norm_weight", torch.empty(self.heads + self.kv_heads, self.head_dim),
+                             persistent=False)
+        self.register_load_state_dict_post_hook(Attention._stack_norm_weights)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor | None,
-                slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """rows: the cache rows of x's rows (None: all rows, in order); slots [R, T]: where each frame's K/V go;
-        mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see `Backbone.forward`)."""
+    def _stack_norm_weights(self, incompatible_keys) -> None:
+        self.qk_norm_weight = stacked_norm_weights([(self.q_norm, self.heads), (self.k_norm, self.kv_heads)])
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, layer: int, cache: KVCache, rows: torch.Tensor,
+                some_rows: bool, slots: torch.Tensor, mask: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """rows [R]: the cache rows of x's rows (`some_rows`: not all of the cache's, in order); slots [R, T]:
+        where each frame's K/V go; mask [R, 1, G * T, kv_len]: the slots each packed query row sees (see
+        `Backbone.forward`); residual: added to the output projection."""
         R, T, _ = x.shape
-        D = self.head_dim
-        q, k, v = self.qkv(x).split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
-        q = apply_rope(self.q_norm(q.view(R, T, self.heads, D)), rope)
-        k = apply_rope(self.k_norm(k.view(R, T, self.kv_heads, D)), rope)
-        index = (torch.arange(R, device=x.device) if rows is None else rows).unsqueeze(1)
+        D, H = self.head_dim, self.heads
+        qkv = self.qkv(x).view(R, T, H + 2 * self.kv_heads, D)
+        qk = apply_rope(norm_heads(qkv[:, :, : H + self.kv_heads], self.qk_norm_weight, self.q_norm.eps), rope)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + self.kv_heads:]
         keys, values = cache.keys[layer], cache.values[layer]
-        keys[index, :, slots] = k
-        values[index, :, slots] = v.view(R, T, self.kv_heads, D)
-        if rows is not None:
+        keys[rows.unsqueeze(1), :, slots] = k
+        values[rows.unsqueeze(1), :, slots] = v
+        if some_rows:
             keys, values = keys[rows], values[rows]
         kv_len, groups = mask.shape[-1], self.heads // self.kv_heads
         # Query heads sharing a K/V head attend as extra query rows of that head ([R, H_kv, G * T, D]): the same
         # math as repeating K/V per query head, without copying the cache, and the masked fused kernels accept
         # it (they reject grouped heads with a mask, falling back to one that materialises everything).
-        q = q.view(R, T, self.kv_heads, groups, D).permute(0, 2, 3, 1, 4).reshape(R, self.kv_heads, groups * T, D)
+        q = q.reshape(R, T, self.kv_heads, groups, D).permute(0, 2, 3, 1, 4).reshape(R, self.kv_heads, groups * T, D)
         out = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask,
                                              scale=1.0)
         out = out.view(R, self.kv_heads, groups, T, D).permute(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(R, T, self.heads * D))
+        return self.o_proj(out.reshape(R, T, self.heads * D), residual)
 
 
 class BackboneLayer(nn.Module):
@@ -226,11 +268,12 @@ class Backbone(nn.Module):
         # Which slots each query row sees, in attention's packed order (query group g, frame t -> row g * T + t).
         R, T = slots.shape
         visible = torch.arange(kv_len, device=tokens.device) <= slots.unsqueeze(-1)  # [R, T, kv_len]
+        cache_rows = torch.arange(R, device=tokens.device) if rows is None else rows
         mask = visible.unsqueeze(1).expand(R, self.query_groups, T, kv_len).reshape(R, 1, self.query_groups * T, kv_len)
         with attention_kernels(self.batch_invariant):
             for i, layer in enumerate(self.layers):
-                x = x + layer.attn(layer.pre_norm(x), rope, i, cache, rows, slots, mask)
-                x = x + layer.mlp(layer.post_norm(x))
+                x = layer.attn(layer.pre_norm(x), rope, i, cache, cache_rows, rows is not None, slots, mask, x)
+                x = layer.mlp(layer.post_norm(x), x)
         hidden = self.norm(x)
         return hidden, self.action_head(hidden).float(), self.cb0_head(hidden).float()
 
@@ -246,21 +289,30 @@ class StageAttention(nn.Module):
         self.out_proj = nn.ModuleDict({str(g): Linear(inner, cfg.n_embd) for g in groups})
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        self.register_buffer("qk_norm_weight", torch.empty(2, 1, self.head_dim), persistent=False)  # at load
+        self.register_load_state_dict_post_hook(StageAttention._stack_norm_weights)
 
-    def forward(self, x: torch.Tensor, stage: int, group: int, rope: torch.Tensor | None, layer: int,
-                cache: KVCache) -> torch.Tensor:
+    def _stack_norm_weights(self, incompatible_keys) -> None:
+        self.qk_norm_weight = stacked_norm_weights([(self.q_norm, 1), (self.k_norm, 1)]).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor, stage: int, group: int, rotation: torch.Tensor | None, layer: int,
+                cache: KVCache, residual: torch.Tensor) -> torch.Tensor:
+        """rotation: [2, D, D] q and k's norm weights and RoPE at this stage (`Depformer.rotations`), or None
+        without RoPE."""
         R, H, D = x.shape[0], self.heads, self.head_dim
-        q, k, v = self.in_proj[str(group)](x).view(R, 1, 3, H, D).unbind(dim=2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        cache.keys[layer, :, :, stage] = k[:, 0]
-        cache.values[layer, :, :, stage] = v[:, 0]
+        qkv = self.in_proj[str(group)](x).view(R, 1, 3, H, D)
+        if rotation is None:
+            qk = norm_heads(qkv[:, :, :2], self.qk_norm_weight, self.q_norm.eps)  # q and k: [R, 1, 2, H, D]
+        else:  # the norms' weights and RoPE at this stage, as one matrix each for q and k
+            qk = F.rms_norm(qkv[:, :, :2], (D,), None, self.q_norm.eps) @ rotation
+        q, k, v = qk[:, :, 0], qk[:, 0, 1], qkv[:, 0, 2]
+        cache.keys[layer, :, :, stage] = k
+        cache.values[layer, :, :, stage] = v
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), cache.keys[layer, :, :, : stage + 1], cache.values[layer, :, :, : stage + 1],
             scale=1.0,
         )
-        return self.out_proj[str(group)](out.reshape(R, H * D))
+        return self.out_proj[str(group)](out.reshape(R, H * D), residual)
 
 
 class DepformerLayer(nn.Module):
@@ -295,8 +347,10 @@ class Depformer(nn.Module):
         self.logits = nn.ModuleList(Linear(cfg.n_embd, data.audio_vocab_size) for _ in range(stages))
 
     def forward(self, stage: int, hidden: torch.Tensor, prev_audio: torch.Tensor, main: torch.Tensor,
-                second: torch.Tensor, rope: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Stage `stage` (predicting codebook stage + 1): hidden [R, E], prev_audio/main/second [R].
+                second: torch.Tensor, rotations: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Stage `stage` (predicting codebook stage + 1): hidden [R, E]; prev_audio/main/second [G], one per
+        group of R / G rows (G = R / 2: a generation's two CFG rows share its tokens); rotations: this
+        stage's `rotations` (None: the config applies no RoPE).
 
         Returns float32 logits [R, vocab_limit]; pad and BOS entries are cut off.
         """
@@ -304,12 +358,20 @@ class Depformer(nn.Module):
         token = self.audio_embeds[stage](prev_audio)
         if stage == 0 and self.text_embed is not None:
             token = token + self.text_embed(main, second)
-        x = self.depformer_in[str(group)](hidden) + token
+        x = self.depformer_in[str(group)](hidden)
+        x = (x.view(token.shape[0], -1, x.shape[-1]) + token.unsqueeze(1)).view(x.shape)
         with attention_kernels(self.batch_invariant):
             for i, layer in enumerate(self.layers):
-                x = x + layer.self_attention(layer.pre_norm(x), stage, group, rope, i, cache)
-                x = x + layer.mlp(layer.post_norm(x))
+                x = layer.self_attention(layer.pre_norm(x), stage, group, None if rotations is None else rotations[i],
+                                         i, cache, x)
+                x = layer.mlp(layer.post_norm(x), x)
         return self.logits[stage](self.norm(x))[..., : self.vocab_limit].float()
+
+    def rotations(self, rope: torch.Tensor) -> torch.Tensor:
+        """[L, 2, D, D]: for each layer, q's and k's norm weight followed by RoPE at one stage (rope: [2, D] of
+        `rope_tables`, float32) as matrices, computed in float32 once at load and cast to the model's dtype."""
+        return torch.stack([rope_matrices(rope, layer.self_attention.qk_norm_weight.reshape(2, -1).float())
+                            for layer in self.layers]).to(self.norm.weight.dtype)
 
 
 class Dia2Model(nn.Module):

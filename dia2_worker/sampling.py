@@ -1,8 +1,11 @@
 """Classifier-free guidance and token sampling, batched with per-row parameters and graph-safe randomness.
 
 Every row carries its own temperature, top-k, CFG scale and filter, and its own seed. Random numbers are
-a pure function of (seed, frame, draw) computed with integer tensor ops, so a generation's tokens do not
-depend on the other rows of the batch, need no host round trip and replay identically inside a CUDA graph.
+a pure function of (seed, frame, draw, token) computed with integer tensor ops, so a generation's tokens do
+not depend on the other rows of the batch, need no host round trip and replay identically inside a CUDA
+graph. A frame's numbers are drawn in one pass (Gumbel noise for every draw), and a draw is a dozen kernels
+whatever the batch: guidance, the CFG filter's and top-k's thresholds (a sort each), and one argmax of
+logits + temperature * noise (the Gumbel-max trick: a sample of softmax(logits / temperature)).
 """
 
 from __future__ import annotations
@@ -11,20 +14,28 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .params import GenerationParams
+
 _MASK32 = 0xFFFFFFFF
+
+
+KEEP_ALL = 1 << 30
+"""A rank past any vocabulary: its threshold keeps every token."""
 
 
 @dataclass
 class SamplingParams:
-    """Per-row sampling parameters, all [B] device tensors."""
+    """Per-row sampling parameters as the step uses them, all [B] device tensors: temperatures (0: greedy),
+    CFG scale, the 0-based ranks of the top-k and CFG filter thresholds (KEEP_ALL where the scale is 1),
+    and a 32-bit key mixed from the 63-bit seed."""
 
     text_temperature: torch.Tensor
-    text_top_k: torch.Tensor
+    text_top_rank: torch.Tensor
     audio_temperature: torch.Tensor
-    audio_top_k: torch.Tensor
+    audio_top_rank: torch.Tensor
     cfg_scale: torch.Tensor
-    cfg_filter_k: torch.Tensor
-    seed: torch.Tensor
+    filter_rank: torch.Tensor
+    seed_key: torch.Tensor
 
     @classmethod
     def allocate(cls, batch: int, device: torch.device) -> "SamplingParams":
@@ -36,7 +47,13 @@ class SamplingParams:
 
         return cls(floats(), longs(), floats(), longs(), floats(), longs(), longs())
 
-    def load_row(self, row: int, **values: float) -> None:
+    def load_row(self, row: int, params: GenerationParams) -> None:
+        """A generation's (validated, seeded) parameters into `row`."""
+        values = dict(text_temperature=params.text_temperature, text_top_rank=params.text_top_k - 1,
+                      audio_temperature=params.audio_temperature, audio_top_rank=params.audio_top_k - 1,
+                      cfg_scale=params.cfg_scale,
+                      filter_rank=KEEP_ALL if params.cfg_scale == 1.0 else params.cfg_filter_k - 1,
+                      seed_key=seed_key(params.seed))
         for name, value in values.items():
             getattr(self, name)[row] = value
 
@@ -45,55 +62,94 @@ class SamplingParams:
         return SamplingParams(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer on int64 tensors; constants < 2**31 keep every product below 2**63."""
-    x = x & _MASK32
+def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer mixer (a bijection of [0, 2**32)) on int64 tensors or Python ints; the constants are
+    below 2**31, so no product reaches 2**63."""
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
     x = ((x ^ (x >> 15)) * 0x5BD1E995) & _MASK32
     return x ^ (x >> 16)
 
 
-def uniform(seed: torch.Tensor, frame: torch.Tensor, draw: int) -> torch.Tensor:
-    """Uniform floats in [0, 1) per row, determined by (seed, frame, draw index within the frame)."""
-    x = _hash32(seed)
-    x = _hash32(x ^ ((seed >> 32) & _MASK32))
-    x = _hash32(x ^ frame)
-    x = _hash32(x ^ draw)
-    return (x >> 8).float() * (1.0 / (1 << 24))
+def seed_key(seed: int) -> int:
+    """The 32-bit key of a 63-bit seed, computed once when a generation joins."""
+    return _hash32(_hash32(seed & _MASK32) ^ (seed >> 32))
 
 
-def guide(logits: torch.Tensor, scale: torch.Tensor, filter_k: torch.Tensor) -> torch.Tensor:
-    """CFG over [2B, V] logits (each generation's conditional row, then its unconditional one): keep conditional
-    logits where the guided ones rank in the top filter_k (ties kept), -inf elsewhere. Rows with scale 1 use
-    the conditional logits as they are.
+def frame_noise(seed_key: torch.Tensor, frame: torch.Tensor, draws: int, vocab: int) -> torch.Tensor:
+    """Gumbel noise [B, draws, vocab] for every draw of a frame in one pass: a pure function of (seed, frame,
+    draw, token) per row. The frame's key k mixes a counter c over (draw, token) as hash(hash(k ^ c) ^ k):
+    hashes are bijections, so two frames never draw the same numbers for the same position."""
+    key = _hash32(seed_key ^ frame).unsqueeze(1)
+    counter = torch.arange(draws * vocab, device=seed_key.device)
+    bits = _hash32(_hash32(key ^ counter) ^ key)
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1): the noise is finite
+    return u.log().neg().log().neg().view(-1, draws, vocab)
+
+
+@dataclass
+class DrawSettings:
+    """One kind of draw's per-row settings as [B, 1] columns for a vocabulary size: CFG scale, the CFG filter's
+    and the top-k's threshold ranks (clamped to the vocabulary), the temperature."""
+
+    scale: torch.Tensor
+    filter_rank: torch.Tensor
+    top_rank: torch.Tensor
+    temperature: torch.Tensor
+
+    @classmethod
+    def of(cls, params: SamplingParams, temperature: torch.Tensor, top_rank: torch.Tensor,
+           vocab: int) -> "DrawSettings":
+        return cls(scale=params.cfg_scale.unsqueeze(1),
+                   filter_rank=params.filter_rank.clamp(max=vocab - 1).unsqueeze(1),
+                   top_rank=top_rank.clamp(max=vocab - 1).unsqueeze(1), temperature=temperature.unsqueeze(1))
+
+
+def draw(logits: torch.Tensor, settings: DrawSettings, noise: torch.Tensor,
+         banned: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per generation from [2B, V] float32 logits (each generation's conditional row, then its
+    unconditional one) and Gumbel `noise` [B, V].
+
+    Classifier-free guidance: the conditional logits where the guided ones (lerp(uncond, cond, scale)) rank
+    in the top filter_k, ties kept, -inf elsewhere; `banned` tokens are then set to the lowest float. Then
+    the token: argmax of those logits when the temperature is 0 (lowest index on ties); otherwise a draw from
+    softmax(logits / temperature) over their top_k (ties kept), as the Gumbel-max argmax of
+    logits + temperature * noise, which is that same argmax when the temperature is 0.
     """
-    vocab = logits.shape[1]
-    cond, uncond = logits[0::2].float(), logits[1::2].float()
-    guided = torch.lerp(uncond, cond, scale.unsqueeze(1))
-    k = filter_k.clamp(max=vocab)
-    kth = guided.sort(dim=-1, descending=True).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-    keep = (guided >= kth) | (k <= 0).unsqueeze(1) | (scale == 1.0).unsqueeze(1)
-    return torch.where(keep, cond, torch.full_like(cond, float("-inf")))
+    pairs = logits.view(-1, 2, logits.shape[-1])
+    cond = pairs[:, 0]
+    guided = torch.lerp(pairs[:, 1], cond, settings.scale)
+    threshold = guided.sort(dim=-1, descending=True).values.gather(1, settings.filter_rank)
+    filtered = torch.where(guided >= threshold, cond, float("-inf"))
+    if banned is not None:
+        filtered = filtered.index_fill(1, banned, torch.finfo(filtered.dtype).min)
+    kth = filtered.sort(dim=-1, descending=True).values.gather(1, settings.top_rank)
+    scores = torch.where(filtered >= kth, torch.addcmul(filtered, settings.temperature, noise), float("-inf"))
+    return scores.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of [B, V] float32 logits.
+class FrameDraws:
+    """What all draws of one frame share, computed once: Gumbel noise for each draw (the text token's, then
+    one per codebook) and the per-row settings for each vocabulary size."""
 
-    temperature <= 0: argmax (lowest index on ties). Otherwise softmax(logits / temperature), keep the top_k
-    probabilities when 0 < top_k < V, renormalise and draw with `u` by inverse CDF; a distribution with no
-    mass (all zero or NaN) gives index 0.
-    """
-    vocab = logits.shape[1]
-    greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature.clamp(min=1e-6).unsqueeze(1), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    ranks = torch.arange(vocab, device=logits.device)
-    kept = torch.where(ranks < k.unsqueeze(1), sorted_probs, torch.zeros_like(sorted_probs))
-    cdf = kept.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    rank = (cdf <= u.unsqueeze(1) * total).sum(dim=-1)
-    rank = torch.minimum(rank, (kept > 0).sum(dim=-1) - 1).clamp(min=0)
-    drawn = torch.where(total[:, 0] > 0, order.gather(1, rank.unsqueeze(1))[:, 0], 0)
-    return torch.where(temperature > 0, drawn, greedy)
+    def __init__(self, params: SamplingParams, frame: torch.Tensor, draws: int, vocab: int) -> None:
+        self.params = params
+        self.noise = frame_noise(params.seed_key, frame, draws, vocab)
+        self._settings: dict[tuple[bool, int], DrawSettings] = {}
+
+    def _for(self, text: bool, vocab: int) -> DrawSettings:
+        if (text, vocab) not in self._settings:
+            p = self.params
+            temperature, top_rank = ((p.text_temperature, p.text_top_rank) if text
+                                     else (p.audio_temperature, p.audio_top_rank))
+            self._settings[text, vocab] = DrawSettings.of(p, temperature, top_rank, vocab)
+        return self._settings[text, vocab]
+
+    def text(self, logits: torch.Tensor) -> torch.Tensor:
+        """The text (action) token from [2B, V] logits: draw 0."""
+        vocab = logits.shape[-1]
+        return draw(logits, self._for(True, vocab), self.noise[:, 0, :vocab])
+
+    def audio(self, logits: torch.Tensor, codebook: int, banned: torch.Tensor | None = None) -> torch.Tensor:
+        """Codebook `codebook`'s token from [2B, V] logits: draw 1 + codebook."""
+        vocab = logits.shape[-1]
+        return draw(logits, self._for(False, vocab), self.noise[:, 1 + codebook, :vocab], banned)

@@ -1,5 +1,5 @@
-"""The generation benchmark on the tiny shape on CPU: the report's format, and the execution modes drawing
-identical tokens (the host-sync reference path against the plain eager one, greedy and seeded)."""
+"""The generation benchmark on the tiny shape on CPU: the report's format, seeded sampling repeating, the
+kernel count, the original runtime's row, and nothing written without --json."""
 
 from __future__ import annotations
 
@@ -27,19 +27,25 @@ def one_thread():
 
 
 def run_bench(directory: Path, *args: str) -> dict:
-    path = bench.main(["--shape", "tiny", "--device", "cpu", "--frames", str(FRAMES), "--json",
-                       str(directory / "report.json"), *args])
-    return json.loads(path.read_text())
+    path = directory / "report.json"
+    report = bench.main(["--device", "cpu", "--frames", str(FRAMES), "--json", str(path), *args])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    return report
 
 
 @pytest.fixture(scope="module")
 def modes_report(tmp_path_factory, one_thread) -> dict:
-    return run_bench(tmp_path_factory.mktemp("modes"), *one_thread)
+    return run_bench(tmp_path_factory.mktemp("modes"), "--modes", "eager-fp32", *one_thread)
 
 
 @pytest.fixture(scope="module")
 def sweep_report(tmp_path_factory, one_thread) -> dict:
     return run_bench(tmp_path_factory.mktemp("sweep"), "--concurrency", "1,2", *one_thread)
+
+
+@pytest.fixture(scope="module")
+def kernels_report(tmp_path_factory, one_thread) -> dict:
+    return run_bench(tmp_path_factory.mktemp("kernels"), "--kernels", "--batch", "1,64", *one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -58,25 +64,17 @@ def check_entry(entry: dict, mode: str, batch: int) -> None:
 
 
 def test_modes_report(modes_report):
-    assert modes_report["shape"] == "tiny" and modes_report["frames"] == FRAMES
+    assert modes_report["shape"] == "tiny" and modes_report["frames"] == FRAMES  # tiny: the CPU's default
     assert modes_report["streams_realtime"] is None
     machine = modes_report["machine"]
     assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1 and "git_commit" in machine
-    results = modes_report["results"]
-    assert [r["mode"] for r in results] == ["reference-like", "eager-fp32"]  # the CPU default
-    for entry in results:
-        check_entry(entry, entry["mode"], 1)
-        split = entry["split_ms"]
-        assert set(split) == {"step", "backbone", "depformer", "sampling"}
-        assert all(math.isfinite(value) for value in split.values()) and split["backbone"] > 0 < split["depformer"]
-
-
-def test_host_sync_and_eager_paths_draw_the_same_tokens(modes_report):
-    reference, eager = (r["checks"] for r in modes_report["results"])
-    assert reference == {"baseline": None, "greedy_matches_baseline": None, "sampled_matches_baseline": None,
-                         "sampling_repeats": True}
-    assert eager == {"baseline": "reference-like", "greedy_matches_baseline": True,
-                     "sampled_matches_baseline": True, "sampling_repeats": True}
+    (entry,) = modes_report["results"]
+    check_entry(entry, "eager-fp32", 1)
+    split = entry["split_ms"]
+    assert set(split) == {"step", "backbone", "depformer", "sampling"}
+    assert all(math.isfinite(value) for value in split.values()) and split["backbone"] > 0 < split["depformer"]
+    assert entry["checks"] == {"baseline": None, "greedy_matches_baseline": None, "sampled_matches_baseline": None,
+                               "sampling_repeats": True}
 
 
 def test_concurrency_report(sweep_report):
@@ -89,21 +87,65 @@ def test_concurrency_report(sweep_report):
     assert sweep_report["streams_realtime"] == (max(realtime) if realtime else 0)
 
 
-def test_default_json_path_names_device_date_and_shape(modes_report, sweep_report):
-    date = modes_report["date"][:10]
-    assert bench.default_json_path(modes_report).name == f"bench-cpu-{date}-tiny.json"
-    assert bench.default_json_path(sweep_report).name == f"bench-cpu-{sweep_report['date'][:10]}-tiny-concurrency.json"
-    assert bench.default_json_path(modes_report).parent == bench.RESULTS_DIR
+def test_kernel_count_by_region_does_not_grow_with_the_batch(kernels_report):
+    from dia2_worker.kernels import REGIONS
+
+    one, many = kernels_report["results"]
+    assert (one["batch"], many["batch"]) == (1, 64)
+    for entry in (one, many):
+        assert (entry["device"], entry["shape"], entry["dtype"]) == ("cpu", "tiny", "bfloat16")
+        assert set(entry["kernels_by_region"]) == set(REGIONS) and all(entry["kernels_by_region"].values())
+        assert entry["kernels_per_frame"] == sum(entry["kernels_by_region"].values())
+        assert entry["host_syncs_per_frame"] == 0
+    assert one["kernels_by_region"] == many["kernels_by_region"]
+
+
+def test_the_operator_counter_counts_leaf_kernels_only():
+    """Views and allocations are free, a fused function is one kernel, a host read is a sync."""
+    import torch.nn.functional as F
+
+    from dia2_worker.kernels import count_operators
+
+    x = torch.randn(4, 8)
+    with count_operators() as counter:
+        y = x.view(2, 16).t()[0]  # views: nothing
+        torch.empty(3)
+        z = F.rms_norm(x, (8,)) * 2 + 1  # one fused norm, a mul, an add
+        F.scaled_dot_product_attention(x.view(1, 1, 4, 8), x.view(1, 1, 4, 8), x.view(1, 1, 4, 8))
+        float(z.sum())  # a kernel and a host sync
+    assert sum(counter.counts.values()) == 5 and dict(counter.host_syncs) == {"_local_scalar_dense": 1}
+    assert set(counter.counts) == {"sampling"} and y.shape == (2,)
+
+
+def test_nothing_is_written_without_json(tmp_path, monkeypatch, one_thread):
+    results = bench.ROOT / "bench" / "results"
+    before = sorted(results.iterdir())
+    monkeypatch.chdir(tmp_path)
+    report = bench.main(["--device", "cpu", "--kernels", *one_thread])
+    assert report["results"][0]["shape"] == "tiny"
+    assert sorted(results.iterdir()) == before and not list(tmp_path.iterdir())
+
+
+def test_original_runtime_row(tmp_path, one_thread):
+    """The original runtime on the same checkpoint, greedy, beside ours: same tokens, its numbers recorded."""
+    src = bench.DEFAULT_ORIGINAL_SRC
+    if not bench.original_available(src):
+        pytest.skip(f"the original Dia2 runtime is not at {src}")
+    (entry,) = run_bench(tmp_path, "--modes", "original", *one_thread)["results"]
+    assert entry["mode"] == "original" and entry["dtype"] == "float32"
+    assert entry["original_options"] == {"use_cuda_graph": False, "use_torch_compile": False}
+    assert entry["checks"] == {"greedy_matches_original": True}
+    assert entry["frames"] > 20 and entry["ms_per_frame"] > 0 and entry["kernels_per_frame"] > 100
+    assert entry["ours"]["mode"] == "eager-fp32" and entry["ours"]["kernels_per_frame"] > 100
 
 
 def test_compared_tokens_are_real_draws(engine):
-    """The checks compare something: tokens are in the audio vocabulary, and greedy differs from sampled."""
+    """The checks compare something: tokens are in the audio vocabulary, greedy differs from sampled, and a
+    seeded generation repeats."""
     reqs, clock, steps = bench.requests(engine, seed=3), bench.Clock(engine.device), 6
-    runner = bench.new_runner(engine, bench.MODES["reference-like"], 1)
+    runner = bench.new_runner(engine, bench.MODES["eager-fp32"], 1)
     drawn = {key: bench.tokens(runner, engine.prepare(request), steps, clock) for key, request in reqs.items()}
-    eager = bench.new_runner(engine, bench.MODES["eager-fp32"], 1)
-    for key, request in reqs.items():
-        assert torch.equal(bench.tokens(eager, engine.prepare(request), steps, clock), drawn[key]), key
+    assert torch.equal(bench.tokens(runner, engine.prepare(reqs["sampled"]), steps, clock), drawn["sampled"])
     for tokens in drawn.values():
         assert tokens.shape == (engine.config.num_codebooks, steps)
         assert tokens.min() >= 0 and tokens.max() < engine.config.data.audio_vocab_size
@@ -120,5 +162,7 @@ def test_script_fills_the_context(engine):
 def test_graph_mode_needs_cuda():
     with pytest.raises(SystemExit):
         bench.main(["--device", "cpu", "--modes", "graph"])
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--modes", "original", "--original-src", "/nonexistent"])
     with pytest.raises(ValueError, match="CUDA"):
         bench.run("tiny", "cpu", ["graph"], frames=1)

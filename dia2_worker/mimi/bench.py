@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,10 +55,27 @@ def machine(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_1m": os.getloadavg()[0],
+        **_git(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _git() -> dict[str, Any]:
+    """The checkout's commit and whether its code has local changes (None outside a git checkout)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":!bench/results")  # results being written do not make the code dirty
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def _timed(run: Callable[[], Any], sync: Callable[[], None]) -> float:
