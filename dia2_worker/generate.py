@@ -47,34 +47,54 @@ def build_parser() -> argparse.ArgumentParser:
     for n in (1, 2):
         parser.add_argument(f"--prefix-speaker-{n}", type=Path, help=f"voice prefix audio of speaker {n}")
         parser.add_argument(f"--prefix-speaker-{n}-words", type=Path,
-                            help='its word timings: {"words": [[word, start_s, end_s], ...]}')
+                            help='its word timings: {"words": [[word, start_s, end_s], ...]} '
+                                 "(default: transcribed from the audio)")
     parser.add_argument("--include-prefix", action="store_true", help="keep the prefix audio in the output")
+    parser.add_argument("--asr-model-dir", type=Path,
+                        help="speech recognition model that transcribes prefixes given without words "
+                             "(default: <model-dir>/asr)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return parser
 
 
 def _prefix(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The voice prefix the flags give; a speaker's words are transcribed from the audio when not given."""
     from . import audio
+    from .asr import AsrUnavailable, WhisperTranscriber
     from .engine import PrefixSpeech, VoicePrefix
 
-    speeches = []
     for n in (1, 2):
-        wav, words = getattr(args, f"prefix_speaker_{n}"), getattr(args, f"prefix_speaker_{n}_words")
-        if (wav is None) != (words is None):
-            parser.error(f"--prefix-speaker-{n} and --prefix-speaker-{n}-words go together")
-        if wav is None:
-            speeches.append(None)
-            continue
-        samples, rate = audio.read_audio(wav)
-        timed = json.loads(words.read_text())["words"]
-        speeches.append(PrefixSpeech(samples, rate, tuple((str(w), float(s), float(e)) for w, s, e in timed)))
-    if speeches[0] is None:
-        if speeches[1] is not None:
+        if getattr(args, f"prefix_speaker_{n}_words") is not None and getattr(args, f"prefix_speaker_{n}") is None:
+            parser.error(f"--prefix-speaker-{n}-words needs --prefix-speaker-{n}")
+    if args.prefix_speaker_1 is None:
+        if args.prefix_speaker_2 is not None:
             parser.error("--prefix-speaker-2 needs --prefix-speaker-1")
         if args.include_prefix:
             parser.error("--include-prefix needs --prefix-speaker-1")
         return None
+    transcriber = WhisperTranscriber(args.asr_model_dir or args.model_dir / "asr", args.device)
+    speeches = []
+    for n in (1, 2):
+        wav, words = getattr(args, f"prefix_speaker_{n}"), getattr(args, f"prefix_speaker_{n}_words")
+        if wav is None:
+            speeches.append(None)
+            continue
+        try:
+            samples, rate = audio.read_audio(wav)
+        except Exception as exc:  # soundfile's errors for missing, unreadable and undecodable files
+            parser.error(f"--prefix-speaker-{n}: cannot read {wav}: {exc}")
+        if words is not None:
+            timed = tuple((str(w), float(s), float(e)) for w, s, e in json.loads(words.read_text())["words"])
+        else:
+            try:
+                timed = transcriber.transcribe(samples, rate)
+            except AsrUnavailable as exc:
+                parser.error(f"--prefix-speaker-{n}-words: not given, and {exc} (or pass --asr-model-dir)")
+            if not timed:
+                parser.error(f"--prefix-speaker-{n}: no words recognised in the audio; "
+                             f"pass --prefix-speaker-{n}-words")
+        speeches.append(PrefixSpeech(samples, rate, timed))
     return VoicePrefix(speeches[0], speeches[1], args.include_prefix)
 
 
@@ -94,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         initial_padding=args.initial_padding, seed=args.seed, max_frames=args.max_frames,
     )
     engine = Dia2Engine.load(args.model_dir, args.mimi_dir, args.device, getattr(torch, args.dtype))
+    request = GenerationRequest(script, params, _prefix(args, parser))
     try:
-        result = engine.generate(GenerationRequest(script, params, _prefix(args, parser)))
+        result = engine.generate(request)
     except GenerationParamError as exc:
         flag = FLAGS.get(exc.param, exc.param)
         parser.error(f"{flag}: {str(exc).split(': ', 1)[1]}")
@@ -111,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         "seed": result.seed,
         "out": str(args.out),
     }
+    if request.prefix is not None:
+        speeches = {"speaker_1": request.prefix.speaker_1, "speaker_2": request.prefix.speaker_2}
+        summary["prefix_words"] = {name: [list(word) for word in speech.words]
+                                   for name, speech in speeches.items() if speech is not None}
     if args.json:
         print(json.dumps(summary))
     else:

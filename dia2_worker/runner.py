@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from . import audio
+from .asr import VoicePrefixes, Words
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
 from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, parse_job,
                    progress_item, result_item, words_item)
@@ -58,31 +59,50 @@ def to_generation_request(job: JobRequest, max_delay: int) -> GenerationRequest:
     return GenerationRequest(job.text, params, prefix)
 
 
+@dataclass(frozen=True)
+class PreparedJob:
+    job: JobRequest
+    """Every prefix speaker with words: given, or transcribed from the recording."""
+    plan: GenerationPlan
+    prefix_ms: float | None
+    prefix_cached: bool | None
+
+
 class JobRunner:
     def __init__(self, scheduler: Scheduler, storage: Storage, limits: WorkerLimits,
-                 settings: RunnerSettings) -> None:
+                 settings: RunnerSettings, voices: VoicePrefixes) -> None:
         self.scheduler, self.storage, self.limits, self.settings = scheduler, storage, limits, settings
+        self.voices = voices
         self.sample_rate = scheduler.engine.codec.sample_rate
 
     async def run(self, job_id: str, raw_input: object, received_at: float | None = None) -> AsyncIterator[dict]:
         """Yield the job's stream items; a failed job ends with one {"error": ...} item."""
         received_at = time.monotonic() if received_at is None else received_at
-        engine = self.scheduler.engine
         try:
             job = await asyncio.to_thread(parse_job, raw_input, self.limits)
-            # Planning (tokenising, the voice prefix's Mimi encode) happens here, off the scheduler's thread.
-            plan = await asyncio.to_thread(engine.prepare, to_generation_request(job, engine.max_delay))
+            prepared = await asyncio.to_thread(self.prepare, job)
         except JobInputError as exc:
             yield {"error": str(exc)}
             return
         except GenerationParamError as exc:
             yield {"error": _job_error(exc)}
             return
-        async for item in self._generate(job_id, job, plan, received_at):
+        async for item in self._generate(job_id, prepared, received_at):
             yield item
 
-    async def _generate(self, job_id: str, job: JobRequest, plan: GenerationPlan,
-                        received_at: float) -> AsyncIterator[dict]:
+    def prepare(self, job: JobRequest) -> PreparedJob:
+        """Words for prefix speakers sent without them (transcription), then planning (tokenising, the prefix's
+        Mimi encode): blocking work that runs here, off the event loop and the scheduler's thread."""
+        started = time.monotonic()
+        voices = self.voices.complete(job)
+        engine = self.scheduler.engine
+        plan = engine.prepare(to_generation_request(voices.job, engine.max_delay))
+        if job.prefix is None:
+            return PreparedJob(voices.job, plan, None, None)
+        return PreparedJob(voices.job, plan, (time.monotonic() - started) * 1000, voices.cached)
+
+    async def _generate(self, job_id: str, prepared: PreparedJob, received_at: float) -> AsyncIterator[dict]:
+        job, plan = prepared.job, prepared.plan
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         deadline = None if self.settings.job_timeout_s is None else time.monotonic() + self.settings.job_timeout_s
@@ -113,7 +133,7 @@ class JobRunner:
         metrics = JobMetrics(
             queue_ms=((ticket.started_at or received_at) - received_at) * 1000, ttfa_ms=ttfa_ms,
             generate_ms=generate_ms, rtf=generate_ms / 1000 / duration_s if duration_s else 0.0,
-            frames=stream.frames,
+            frames=stream.frames, prefix_ms=prepared.prefix_ms, prefix_cached=prepared.prefix_cached,
         )
         yield await asyncio.to_thread(self._store, job_id, job, wav, duration_s, stream.timestamps,
                                       plan.params.seed, metrics)
@@ -127,7 +147,8 @@ class JobRunner:
         if spool is not None:
             spool.parent.mkdir(parents=True, exist_ok=True)
             spool.write_bytes(wav)
-        fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in timestamps], seed=seed, metrics=metrics)
+        fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in timestamps], seed=seed, metrics=metrics,
+                      prefix_words=prefix_words(job))
         try:
             stored = self.storage.put(key, wav, presign_expiry_s=job.output.presign_expiry_s)
         except StorageError as exc:
@@ -189,6 +210,14 @@ class _AudioStream:
             items.append(words_item(spoken))
             self.words_sent += len(spoken)
         return items
+
+
+def prefix_words(job: JobRequest) -> dict[str, Words] | None:
+    """The words each prefix speaker was conditioned on (given or transcribed), so a user can pass them next time."""
+    if job.prefix is None:
+        return None
+    speakers = {"speaker_1": job.prefix.speaker_1, "speaker_2": job.prefix.speaker_2}
+    return {name: speaker.words for name, speaker in speakers.items() if speaker is not None}
 
 
 def _job_error(exc: GenerationParamError) -> str:

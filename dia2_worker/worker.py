@@ -50,6 +50,13 @@ class WorkerSettings:
     """INLINE_AUDIO_MAX_BYTES: largest WAV returned inline when the upload fails for good (8 MiB)."""
     log_level: str
     """LOG_LEVEL: DEBUG, INFO (default), WARNING, ERROR."""
+    asr_model_dir: Path
+    """ASR_MODEL_DIR: the speech recognition model that finds a voice prefix's words when a job sends none
+    (default: <MODEL_DIR>/asr, where bake_weights.py --asr puts it)."""
+    asr_preload: bool
+    """ASR_PRELOAD: load it at start instead of on the first job that needs it (default off)."""
+    voice_cache_entries: int
+    """VOICE_CACHE_ENTRIES: recordings whose transcribed words and Mimi codes are kept (LRU, default 256)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
@@ -60,8 +67,9 @@ class WorkerSettings:
         log_level = (env.get("LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise WorkerConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        model_dir = Path(env.get("MODEL_DIR") or "/models/dia2")
         return cls(
-            model_dir=Path(env.get("MODEL_DIR") or "/models/dia2"),
+            model_dir=model_dir,
             device=device,
             dtype=dtype,
             slots=env_number(env, "SLOTS", int, Range(1, 1024), None),
@@ -72,6 +80,9 @@ class WorkerSettings:
             inline_audio_max_bytes=env_number(env, "INLINE_AUDIO_MAX_BYTES", int, Range(0, 64 * 1024 * 1024),
                                               8 * 1024 * 1024),
             log_level=log_level,
+            asr_model_dir=Path(env.get("ASR_MODEL_DIR") or model_dir / "asr"),
+            asr_preload=env_flag(env, "ASR_PRELOAD", False),
+            voice_cache_entries=env_number(env, "VOICE_CACHE_ENTRIES", int, Range(0, 1_000_000), 256),
         )
 
 
@@ -122,6 +133,7 @@ class WorkerService:
             import torch
 
         with PHASES.phase("import dia2_worker"):
+            from .asr import AsrUnavailable, VoiceCache, VoicePrefixes, WhisperTranscriber
             from .engine import Dia2Engine
             from .runner import JobRunner, RunnerSettings
             from .scheduler import Scheduler
@@ -138,6 +150,15 @@ class WorkerService:
         storage_future = ThreadPoolExecutor(1, thread_name_prefix="dia2-storage").submit(make_storage, storage_settings)
         engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype),
                                  staged_fp32=options.staged_fp32)
+        voices = VoiceCache(settings.voice_cache_entries)
+        engine.encode_audio = voices.encoder(engine.encode_audio)  # a voice seen before is not encoded again
+        transcriber = WhisperTranscriber(settings.asr_model_dir, settings.device)
+        if settings.asr_preload:
+            with PHASES.phase("speech recognition model"):
+                try:
+                    transcriber.load()
+                except AsrUnavailable as exc:
+                    raise WorkerConfigError(f"ASR_PRELOAD: {exc}") from None
         frame_rate = engine.codec.frame_rate
         max_duration = engine.config.runtime.max_context_steps / frame_rate
         if limits.max_duration_s > max_duration:
@@ -157,7 +178,7 @@ class WorkerService:
             inline_audio_max_bytes=settings.inline_audio_max_bytes,
             spool_dir=storage_settings.output_dir / "spool",
             job_timeout_s=settings.job_timeout_s,
-        ))
+        ), VoicePrefixes(voices, transcriber))
         service = cls(settings, runner, scheduler)
         if options.warm_up:
             with PHASES.phase("warm-up"):
