@@ -231,3 +231,46 @@ for job in json.loads(open(os.environ["JOBS"]).read()):
     recording = {"text": "[S1] Hi.", "seed": 1, "prefix": {"speaker_1": {"audio_base64": given["audio_base64"]}}}
     assert imported_running(recording) >= ASR_MODULES
     assert imported_running(ASR_PRELOAD="true") >= ASR_MODULES
+
+
+def test_the_demo_bake_holds_the_speech_recognition_model_the_worker_checks(tmp_path: Path) -> None:
+    """bake_weights.py --demo bakes the tiny model into DIR/asr (the worker's default ASR_MODEL_DIR), byte for
+    byte the same every time, listed in the manifest the worker checks at start."""
+    import bake_weights
+    from dia2_worker.checkpoint import CheckpointError, read_manifest
+
+    out = tmp_path / "demo"
+    assert bake_weights.main(["--demo", "--out", str(out)]) == 0
+    again = tmp_path / "again"
+    write_random_asr(again)
+    manifest = read_manifest(out)
+    for name in ("config.json", "model.bin", "tokenizer.json", "vocabulary.json", "preprocessor_config.json"):
+        assert (out / "asr" / name).read_bytes() == (again / name).read_bytes()
+        assert f"asr/{name}" in manifest["files"]
+    samples = np.random.default_rng(0).normal(0, 0.1, (24_000, 1)).astype(np.float32)
+    assert [w for w, _, _ in WhisperTranscriber(out / "asr").transcribe(samples, 24_000)] == list(WORDS)
+    model = out / "asr" / "model.bin"
+    model.write_bytes(model.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match=r"asr/model.bin: .*\(truncated\)"):
+        read_manifest(out)
+
+
+def test_a_converted_whisper_is_baked_from_the_hub_at_a_pinned_commit(asr_dir: Path, tiny_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    from hf_hub_server import HubServer
+    from test_bake import hub_env, run_bake
+
+    repo, sha = "Systran/faster-whisper-tiny-test", "a5b4c3d2" * 5
+    with HubServer({repo: (asr_dir, sha)}, token="hf_token") as hub:
+        out = tmp_path / "baked"
+        done = run_bake("--model", str(tiny_dir), "--asr", repo, "--asr-revision", sha, "--out", str(out),
+                        env=hub_env(hub, tmp_path / "hf", "hf_token"))
+        assert done.returncode == 0, done.stderr
+        wrong = run_bake("--model", str(tiny_dir), "--asr", str(tiny_dir), "--out", str(tmp_path / "wrong"),
+                         env=hub_env(hub, tmp_path / "hf", "hf_token"))
+    assert wrong.returncode == 1 and "not a CTranslate2 Whisper conversion (missing model.bin" in wrong.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["asr"] == {"repo": repo, "revision": sha, "path": None}
+    for name in ("config.json", "model.bin", "tokenizer.json", "vocabulary.json", "preprocessor_config.json"):
+        assert (out / "asr" / name).read_bytes() == (asr_dir / name).read_bytes()
+        assert manifest["files"][f"asr/{name}"]["size"] == (asr_dir / name).stat().st_size
