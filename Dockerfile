@@ -2,7 +2,7 @@
 # dia2-worker: Dia2 on RunPod serverless, with the weights baked into the image.
 #
 #   docker build -t dia2-worker --build-arg MODEL=nari-labs/Dia2-2B --build-arg MODEL_REVISION=<commit> .
-#   docker build -t dia2-worker:demo --build-arg DEMO=1 .           # tiny random model, no download
+#   docker build -t dia2-worker:demo --build-arg DEMO=1 .           # tiny random models, no download
 #   (gated or private repos: add --secret id=hf_token,env=HF_TOKEN)
 #
 # Layers, largest and least often changed first: the Python environment (torch with its CUDA libraries),
@@ -27,6 +27,10 @@ ARG MODEL_REVISION=main
 ARG MIMI=kyutai/mimi
 ARG MIMI_REVISION=main
 ARG DTYPE=bfloat16
+# Speech recognition for voice prefixes sent without words (DIR/asr); the original runtime uses Whisper large-v3.
+# Pin ASR_REVISION to a commit of the repo: the bake records the one it resolved in manifest.json.
+ARG ASR=Systran/faster-whisper-large-v3
+ARG ASR_REVISION=main
 ARG DEMO=0
 WORKDIR /build
 COPY bake_weights.py ./
@@ -37,7 +41,8 @@ RUN --mount=type=secret,id=hf_token,env=HF_TOKEN --mount=type=cache,target=/cach
         python bake_weights.py --demo --out /models/dia2; \
     else \
         python bake_weights.py --model "$MODEL" --revision "$MODEL_REVISION" --mimi "$MIMI" \
-            --mimi-revision "$MIMI_REVISION" --dtype "$DTYPE" --out /models/dia2; \
+            --mimi-revision "$MIMI_REVISION" --asr "$ASR" --asr-revision "$ASR_REVISION" --dtype "$DTYPE" \
+            --out /models/dia2; \
     fi \
     && python bake_weights.py --verify /models/dia2
 
