@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -55,16 +56,19 @@ class FrameClock:
         if self.error is not None:
             raise RuntimeError("a stream failed") from self.error
 
-    def gaps_between(self, start: float, end: float) -> list[float]:
-        """Seconds between consecutive frames of a stream, for frames arriving in [start, end]."""
+    def gaps(self, first: int, end: int, after: float = 0.0) -> list[float]:
+        """Seconds between consecutive frames of each stream, among its frames first..end-1 that arrived after
+        `after` (on time.perf_counter)."""
         gaps = []
         for times in self.times:
-            inside = [t for t in times if start <= t <= end]
+            inside = [t for t in times[first:end] if t >= after]
             gaps += [b - a for a, b in zip(inside, inside[1:])]
         return gaps
 
 
 def summary(gaps: list[float]) -> dict[str, float]:
+    if not gaps:
+        raise RuntimeError("no frame gaps measured: raise --frames")
     ordered = sorted(gaps)
     return {"frames": len(ordered), "p50_ms": statistics.median(ordered) * 1000,
             "p90_ms": ordered[int(0.9 * (len(ordered) - 1))] * 1000, "max_ms": ordered[-1] * 1000}
@@ -115,10 +119,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     tickets = [scheduler.submit(engine.prepare(GenerationRequest(SCRIPT, GenerationParams(seed=s))),
                                 clock.receiver(s)) for s in range(args.streams)]
     try:
-        clock.wait_frames(args.warmup_frames)
-        quiet_start = time.perf_counter()
         clock.wait_frames(args.warmup_frames + args.frames)
-        quiet_end = time.perf_counter()
 
         durations: list[float] = []
         stop = threading.Event()
@@ -135,7 +136,6 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
         busy_start = time.perf_counter()
         worker.start()
         clock.wait_frames(args.warmup_frames + 2 * args.frames)
-        busy_end = time.perf_counter()
         stop.set()
         worker.join()
     finally:
@@ -143,8 +143,9 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
             ticket.cancel()
         scheduler.close()
     return {
-        "quiet": summary(clock.gaps_between(quiet_start, quiet_end)),
-        "transcribing": summary(clock.gaps_between(busy_start, busy_end)),
+        "quiet": summary(clock.gaps(args.warmup_frames, args.warmup_frames + args.frames)),
+        "transcribing": summary(clock.gaps(args.warmup_frames + args.frames, args.warmup_frames + 2 * args.frames,
+                                           after=busy_start)),
         "transcriptions": {"count": len(durations), "audio_s": len(samples) / rate,
                            "mean_ms": statistics.mean(durations) * 1000, "model_load_s": load_s},
     }
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> Path:
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": args.device,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "model_dir": str(args.model_dir), "asr_model_dir": str(args.asr_model_dir or "tiny random demo model"),
-        "streams": args.streams, **results,
+        "streams": args.streams, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0], **results,
     }
     path = args.json or RESULTS_DIR / f"asr-frame-gap-{args.device.split(':')[0]}-{report['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

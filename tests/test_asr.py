@@ -274,3 +274,15 @@ def test_a_converted_whisper_is_baked_from_the_hub_at_a_pinned_commit(asr_dir: P
     for name in ("config.json", "model.bin", "tokenizer.json", "vocabulary.json", "preprocessor_config.json"):
         assert (out / "asr" / name).read_bytes() == (asr_dir / name).read_bytes()
         assert manifest["files"][f"asr/{name}"]["size"] == (asr_dir / name).stat().st_size
+
+
+def test_the_frame_gap_bench_writes_its_numbers(tmp_path: Path) -> None:
+    from dia2_worker import asr_bench
+
+    path = asr_bench.main(["--streams", "1", "--frames", "6", "--warmup-frames", "1", "--audio-s", "1",
+                           "--json", str(tmp_path / "gap.json")])
+    report = json.loads(path.read_text())
+    assert report["quiet"]["frames"] == 5 and 1 <= report["transcribing"]["frames"] <= 5
+    for condition in ("quiet", "transcribing"):
+        assert report[condition]["max_ms"] >= report[condition]["p50_ms"] > 0
+    assert report["transcriptions"]["count"] >= 1 and report["transcriptions"]["audio_s"] == 1.0
