@@ -170,7 +170,7 @@ class PreparedPrefix:
 class VoicePrefixes:
     """Fills in the words of prefix speakers sent without them, through the cache, then the transcriber."""
 
-    def __init__(self, cache: VoiceCache, transcriber: Transcriber | None) -> None:
+    def __init__(self, cache: VoiceCache, transcriber: Transcriber) -> None:
         self.cache, self.transcriber = cache, transcriber
 
     def complete(self, job: JobRequest) -> PreparedPrefix:
@@ -199,8 +199,6 @@ class VoicePrefixes:
         return PreparedPrefix(replace(job, prefix=replace(job.prefix, **speakers)), cached)
 
     def _transcribe(self, speaker: PrefixAudio, field: str) -> Words:
-        if self.transcriber is None:
-            raise JobInputError(f"{field}.words", "required: this worker has no speech recognition model")
         try:
             words = self.transcriber.transcribe(speaker.samples, speaker.sample_rate)
         except AsrUnavailable as exc:
