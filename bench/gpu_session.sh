@@ -6,6 +6,8 @@
 #   bash bench/gpu_session.sh concurrency   bench: 2b, batches 1..128
 #   bash bench/gpu_session.sh coldstart     bake a 2B-shaped random checkpoint, then coldstart with --baseline
 #   bash bench/gpu_session.sh compiled      bench: 2b, graph vs graph-compiled (torch.compile inside the graph)
+#   bash bench/gpu_session.sh asr           frame gaps of running streams while prefixes are transcribed
+#                                           (carry faster-whisper, ctranslate2, av and PyYAML wheels too)
 # Results go to $OUT (the device tool brings them back); commit them under bench/results/.
 # The machine has torch but not every pure-Python package: carry runpod, soundfile, boto3 (and their
 # missing dependencies) as wheels in .whl (the device README's recipe); this script installs them if present.
@@ -42,8 +44,12 @@ case "${1:-}" in
     python3 -m dia2_worker.bench --shape 2b --frames 200 --modes eager-bf16,graph,graph-compiled \
       --json "$OUT/bench-2b-compiled.json" 2>&1 | tee "$OUT/compiled.log"
     ;;
+  asr)
+    python3 -m dia2_worker.asr_bench --device cuda --streams 8 --frames 300 \
+      --json "$OUT/asr-frame-gap-cuda.json" 2>&1 | tee "$OUT/asr.log"
+    ;;
   *)
-    echo "usage: bash bench/gpu_session.sh proofs|speed|concurrency|coldstart|compiled" >&2
+    echo "usage: bash bench/gpu_session.sh proofs|speed|concurrency|coldstart|compiled|asr" >&2
     exit 2
     ;;
 esac
