@@ -4,11 +4,13 @@ speech-recognition path (faster-whisper's transcription, CTranslate2's decoding 
 Random weights alone would mostly stop at end-of-text, so a few are set by hand instead:
 
 - the encoder marks frames whose log-mel spectrum is not flat: conv1 projects each frame on zero-sum ±1
-  patterns (exactly 0 for a flat frame), conv2 sums their rectified magnitudes into one channel pair, and
-  the final layer norm turns that into a large value (0 for digital silence and for the padding);
-- one cross-attention head of the decoder attends uniformly to every frame and writes that mean into a
-  "speech" channel; the other head keeps random queries and keys and is the alignment head word
-  timestamps are read from;
+  patterns (exactly 0 for a flat frame), conv2 sums their rectified magnitudes into one channel pair (0 for
+  digital silence and for the padding); its position code is the cos and sin of an angle growing over
+  the window;
+- one cross-attention head of the decoder attends uniformly to every frame and writes the mean of that
+  mark into a "speech" channel; the other head is the alignment head word timestamps are read from: every
+  token prefers marked frames, and each word later ones than the word before, so the words spread over
+  the sound;
 - the decoder's output depends only on the current token (its self-attention and feed-forward write
   nothing): start-of-transcript leads to <|0.00|>, which leads to the first word when the speech channel
   is non-zero, else to end-of-text; each word leads to the next, the last to a closing timestamp, and
@@ -46,7 +48,6 @@ ALIGN_SLOPES = (-8.0, -3.0, 3.0, 8.0)
 """Alignment-head query weights: the preference for speech frames, and for later frames by the row's token
 (the alignment rows are the inputs before each word: <|notimestamps|>, then each word but the last)."""
 SEED = 0
-FILES = ("model.bin", "config.json", "vocabulary.json", "tokenizer.json", "preprocessor_config.json")
 
 
 def byte_alphabet() -> list[str]:
@@ -131,6 +132,8 @@ def build_spec():
     query[:half] = 0.0  # head 0: all scores equal, so it averages the encoder frames
     key_value = normal(2 * D_MODEL, D_MODEL)
     key_value[:half] = 0.0
+    key_value[D_MODEL:D_MODEL + half] = 0.0
+    key_value[D_MODEL, 0] = 1.0  # head 0's first value dimension: the encoder's speech channel
     # Head 1, the alignment head: every token prefers speech frames, and each word a later part of them.
     query[half, :], query[half + 1, :] = 0.0, 0.0
     key_value[half, :], key_value[half + 1, :] = 0.0, 0.0
@@ -140,8 +143,6 @@ def build_spec():
         query[half, channel[name]] = ALIGN_SPEECH
     for name, slope in zip(("other", *WORDS), ALIGN_SLOPES):
         query[half + 1, channel[name]] = slope
-    key_value[D_MODEL:D_MODEL + half] = 0.0
-    key_value[D_MODEL, 0] = 1.0  # head 0's first value dimension: the encoder's speech channel
     out = zeros(D_MODEL, D_MODEL)
     out[0, 0], out[1, 0] = 1.0, -1.0
     attention = layer.attention
@@ -150,7 +151,7 @@ def build_spec():
     attention.linear[2].weight, attention.linear[2].bias = out, zeros(D_MODEL)
     decoder.layer_norm.gamma, decoder.layer_norm.beta = np.ones(D_MODEL, np.float32), zeros(D_MODEL)
 
-    # Next-token logits from the current token's class (and, after start-of-transcript, the speech channel).
+    # Next-token logits from the current token's class (and, after <|0.00|>, the speech channel).
     projection = normal(vocab, D_MODEL, scale=0.01)
 
     def favour(token: int, name: str, weight: float) -> None:
