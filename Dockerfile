@@ -2,7 +2,7 @@
 # dia2-worker: Dia2 on RunPod serverless, with the weights baked into the image.
 #
 #   docker build -t dia2-worker --build-arg MODEL=nari-labs/Dia2-2B --build-arg MODEL_REVISION=<commit> .
-#   docker build -t dia2-worker:demo --build-arg DEMO=1 .           # tiny random model, no download
+#   docker build -t dia2-worker:demo --build-arg DEMO=1 .           # tiny random models, no download
 #   (gated or private repos: add --secret id=hf_token,env=HF_TOKEN)
 #
 # The command is the queue worker; SERVE_MODE=http makes it the OpenAI-compatible speech server for a
@@ -30,6 +30,10 @@ ARG MODEL_REVISION=main
 ARG MIMI=kyutai/mimi
 ARG MIMI_REVISION=main
 ARG DTYPE=bfloat16
+# Speech recognition for voice prefixes sent without words (DIR/asr); the original runtime uses Whisper large-v3.
+# Pin ASR_REVISION to a commit of the repo: the bake records the one it resolved in manifest.json.
+ARG ASR=Systran/faster-whisper-large-v3
+ARG ASR_REVISION=main
 ARG DEMO=0
 WORKDIR /build
 # Only the bake's import closure (tests/test_dockerfile.py checks it against the code): a change to the
@@ -39,8 +43,8 @@ COPY bake_weights.py ./
 COPY dia2_worker/__init__.py dia2_worker/audio.py dia2_worker/batch.py dia2_worker/checkpoint.py \
      dia2_worker/config.py dia2_worker/engine.py dia2_worker/env.py dia2_worker/generation.py \
      dia2_worker/graphs.py dia2_worker/model.py dia2_worker/output.py dia2_worker/params.py \
-     dia2_worker/random_model.py dia2_worker/sampling.py dia2_worker/shapes.py dia2_worker/text.py \
-     dia2_worker/timing.py ./dia2_worker/
+     dia2_worker/random_asr.py dia2_worker/random_model.py dia2_worker/sampling.py dia2_worker/shapes.py \
+     dia2_worker/text.py dia2_worker/timing.py ./dia2_worker/
 COPY dia2_worker/mimi/__init__.py dia2_worker/mimi/codec.py dia2_worker/mimi/config.py \
      dia2_worker/mimi/conv.py dia2_worker/mimi/quantizer.py dia2_worker/mimi/rows.py \
      dia2_worker/mimi/streaming.py dia2_worker/mimi/transformer.py dia2_worker/mimi/weights.py ./dia2_worker/mimi/
@@ -50,7 +54,8 @@ RUN --mount=type=secret,id=hf_token,env=HF_TOKEN --mount=type=cache,target=/cach
         python bake_weights.py --demo --out /models/dia2; \
     else \
         python bake_weights.py --model "$MODEL" --revision "$MODEL_REVISION" --mimi "$MIMI" \
-            --mimi-revision "$MIMI_REVISION" --dtype "$DTYPE" --out /models/dia2; \
+            --mimi-revision "$MIMI_REVISION" --asr "$ASR" --asr-revision "$ASR_REVISION" --dtype "$DTYPE" \
+            --out /models/dia2; \
     fi \
     && python bake_weights.py --verify /models/dia2
 

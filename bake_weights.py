@@ -8,6 +8,7 @@ resolved revisions and file hashes, so a worker start reads tensors as they are 
 
     python bake_weights.py --model nari-labs/Dia2-2B --out /models/dia2-2b      # HF_TOKEN is honoured
     python bake_weights.py --model ./Dia2-2B --mimi ./mimi --out /models/dia2-2b
+    python bake_weights.py --model nari-labs/Dia2-2B --asr Systran/faster-whisper-large-v3 --out /models/dia2-2b
     python bake_weights.py --demo --out /tmp/dia2-demo                            # no network
     python bake_weights.py --random-shape 2b --out /tmp/dia2-2b-random            # no network
     python bake_weights.py --verify /models/dia2-2b
@@ -44,10 +45,14 @@ MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 """What Dia2Tokenizer.from_dir reads; only tokenizer.json is required."""
 MIMI_FILES = ("config.json", "model.safetensors")
+ASR_FILES = ("config.json", "model.bin", "tokenizer.json", "preprocessor_config.json", "vocabulary.*")
+"""A CTranslate2 Whisper conversion, as faster-whisper reads it (the vocabulary is .json or .txt)."""
+ASR_DIR = "asr"
+"""Where the speech recognition model goes inside the bake (the worker's default ASR_MODEL_DIR)."""
 DEFAULT_MIMI = "kyutai/mimi"
 DTYPES = ("bfloat16", "float16", "float32")
 RANDOM_SEED = 0
-TOOLS = ("torch", "safetensors", "huggingface_hub", "tokenizers", "numpy")
+TOOLS = ("torch", "safetensors", "huggingface_hub", "tokenizers", "numpy", "ctranslate2")
 """Packages whose versions the manifest records."""
 STARTED = time.perf_counter()
 FIXED_MTIME = 315_532_800
@@ -196,6 +201,28 @@ def write_random(out: Path, config_dict: dict[str, Any], mimi_config: dict[str, 
     save_tensors(codec.state_dict(), out / "mimi" / "model.safetensors")
 
 
+def write_asr(out: Path, asr: Source | None) -> None:
+    """The speech recognition model in out/asr: a converted Whisper's files as they are, or (asr None) the tiny
+    random-weight one the demo uses."""
+    from dia2_worker.random_asr import write_random_asr
+
+    target = out / ASR_DIR
+    if asr is None:
+        log("building the tiny random-weight speech recognition model")
+        write_random_asr(target)
+        return
+    log(f"copying speech recognition model {asr.label}")
+    target.mkdir()
+    for pattern in ASR_FILES:
+        for file in asr.dir.glob(pattern):
+            shutil.copyfile(file, target / file.name)
+    missing = [name for name in ("config.json", "model.bin", "tokenizer.json") if not (target / name).is_file()]
+    if missing or not any(target.glob("vocabulary.*")):
+        raise BakeError(f"{asr.label}: not a CTranslate2 Whisper conversion (missing "
+                        f"{', '.join(missing or ['vocabulary.json/.txt'])}); faster-whisper's models are, e.g. "
+                        "Systran/faster-whisper-large-v3")
+
+
 def payload_files(directory: Path) -> list[str]:
     """Every file of a bake but its manifest, as the manifest names them (POSIX paths relative to it)."""
     from dia2_worker.checkpoint import MANIFEST
@@ -318,6 +345,13 @@ def bake(args: argparse.Namespace, argv: Sequence[str]) -> None:
                 write_random(partial, published_config(args.random_shape), real_mimi_config(), dtype)
             shape = "demo" if args.demo else args.random_shape
             sources = {"model": NO_SOURCE, "mimi": NO_SOURCE, "random": {"shape": shape, "seed": RANDOM_SEED}}
+        if args.asr is not None:
+            asr = fetch(args.asr, args.asr_revision, ASR_FILES)
+            write_asr(partial, asr)
+            sources["asr"] = asr.record
+        elif args.demo:
+            write_asr(partial, None)
+            sources["asr"] = {**NO_SOURCE, "random": "demo"}
         write_manifest(partial, args.dtype, sources, argv)
         check_loads(partial, dtype)
         fix_metadata(partial)
@@ -371,11 +405,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="the Mimi codec: a Hub repo id or a local directory (the model's mimi/ if it has one, "
                              "else the repo its config names, else kyutai/mimi)")
     parser.add_argument("--mimi-revision", metavar="REVISION", help="branch, tag or commit of --mimi (main)")
+    parser.add_argument("--asr", metavar="REPO_OR_DIR",
+                        help="speech recognition model for voice prefixes sent without words: a CTranslate2 Whisper "
+                             "conversion (Systran/faster-whisper-large-v3), Hub repo id or local directory; baked "
+                             "into DIR/asr (--demo bakes a tiny random one)")
+    parser.add_argument("--asr-revision", metavar="REVISION", help="branch, tag or commit of --asr (main)")
     args = parser.parse_args(argv)
     if args.verify is None and args.out is None:
         parser.error("--out is required")
-    if args.verify is not None and (args.out is not None or args.force):
-        parser.error("--verify takes no --out or --force")
+    if args.verify is not None and (args.out is not None or args.force or args.asr is not None):
+        parser.error("--verify takes no --out, --force or --asr")
+    if args.asr_revision is not None and args.asr is None:
+        parser.error("--asr-revision needs --asr")
     for flag in ("revision", "mimi", "mimi_revision"):
         if getattr(args, flag) is not None and args.model is None:
             parser.error(f"--{flag.replace('_', '-')} needs --model")

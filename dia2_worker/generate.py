@@ -30,32 +30,50 @@ def build_parser() -> argparse.ArgumentParser:
     for n in (1, 2):
         parser.add_argument(f"--prefix-speaker-{n}", type=Path, help=f"voice prefix audio of speaker {n}")
         parser.add_argument(f"--prefix-speaker-{n}-words", type=Path,
-                            help='its word timings: {"words": [[word, start_s, end_s], ...]}')
+                            help='its word timings: {"words": [[word, start_s, end_s], ...]} '
+                                 "(default: transcribed from the audio)")
     parser.add_argument("--include-prefix", action="store_true", help="keep the prefix audio in the output")
+    parser.add_argument("--asr-model-dir", type=Path,
+                        help="speech recognition model that transcribes prefixes given without words "
+                             "(default: <model-dir>/asr)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return parser
 
 
 def _prefix(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The voice prefix the flags give; a speaker's words are transcribed from the audio when not given."""
+    from .asr import AsrUnavailable, WhisperTranscriber
     from .engine import PrefixSpeech, VoicePrefix
 
-    speeches = []
     for n in (1, 2):
-        wav, words = getattr(args, f"prefix_speaker_{n}"), getattr(args, f"prefix_speaker_{n}_words")
-        if (wav is None) != (words is None):
-            parser.error(f"--prefix-speaker-{n} and --prefix-speaker-{n}-words go together")
-        if wav is None:
-            speeches.append(None)
-            continue
-        samples, rate = _prefix_audio(wav, f"--prefix-speaker-{n}")
-        speeches.append(PrefixSpeech(samples, rate, _words(words, f"--prefix-speaker-{n}-words")))
-    if speeches[0] is None:
-        if speeches[1] is not None:
+        if getattr(args, f"prefix_speaker_{n}_words") is not None and getattr(args, f"prefix_speaker_{n}") is None:
+            parser.error(f"--prefix-speaker-{n}-words needs --prefix-speaker-{n}")
+    if args.prefix_speaker_1 is None:
+        if args.prefix_speaker_2 is not None:
             parser.error("--prefix-speaker-2 needs --prefix-speaker-1")
         if args.include_prefix:
             parser.error("--include-prefix needs --prefix-speaker-1")
         return None
+    transcriber = WhisperTranscriber(args.asr_model_dir or args.model_dir / "asr", args.device)
+    speeches = []
+    for n in (1, 2):
+        wav, words = getattr(args, f"prefix_speaker_{n}"), getattr(args, f"prefix_speaker_{n}_words")
+        if wav is None:
+            speeches.append(None)
+            continue
+        samples, rate = _prefix_audio(wav, f"--prefix-speaker-{n}")
+        if words is not None:
+            timed = _words(words, f"--prefix-speaker-{n}-words")
+        else:
+            try:
+                timed = transcriber.transcribe(samples, rate)
+            except AsrUnavailable as exc:
+                raise cli.UsageError(f"--prefix-speaker-{n}-words: not given, and {exc} (or pass --asr-model-dir)")
+            if not timed:
+                raise cli.UsageError(f"--prefix-speaker-{n}: no words recognised in the audio; "
+                                     f"pass --prefix-speaker-{n}-words")
+        speeches.append(PrefixSpeech(samples, rate, timed))
     return VoicePrefix(speeches[0], speeches[1], args.include_prefix)
 
 
@@ -116,8 +134,9 @@ def _main(argv: list[str] | None) -> int:
 
     params = GenerationParams(**{param.name: getattr(args, param.name) for param in PARAMS})
     engine = Dia2Engine.load(args.model_dir, args.mimi_dir, args.device, getattr(torch, args.dtype))
+    request = GenerationRequest(script, params, prefix)
     try:
-        result = engine.generate(GenerationRequest(script, params, prefix), on_frame=_progress(engine.codec.frame_rate))
+        result = engine.generate(request, on_frame=_progress(engine.codec.frame_rate))
     except GenerationParamError as exc:
         parser.error(f"{flag(exc.param)}: {exc.message}")
     if sys.stderr.isatty():
@@ -134,6 +153,10 @@ def _main(argv: list[str] | None) -> int:
         "seed": result.seed,
         "out": str(args.out),
     }
+    if request.prefix is not None:
+        speeches = {"speaker_1": request.prefix.speaker_1, "speaker_2": request.prefix.speaker_2}
+        summary["prefix_words"] = {name: [list(word) for word in speech.words]
+                                   for name, speech in speeches.items() if speech is not None}
     if args.json:
         print(json.dumps(summary))
     else:

@@ -148,8 +148,9 @@ class PrefixAudio:
     samples: np.ndarray
     """float32 [frames, channels], as decoded: the engine mixes to mono and resamples when it encodes."""
     sample_rate: int
-    words: tuple[tuple[str, float, float], ...]
-    """(word, start_s, end_s), starts non-decreasing, each end within the audio."""
+    words: tuple[tuple[str, float, float], ...] | None
+    """(word, start_s, end_s), starts non-decreasing, each end within the audio; None: not given, the worker
+    transcribes the audio (asr.VoicePrefixes)."""
     duration_s: float
 
 
@@ -377,7 +378,7 @@ def _prefix_audio(value: object, field: str, limits: WorkerLimits) -> PrefixAudi
         raise JobInputError(
             field, f"must give exactly one of audio_base64 or audio_url, got {' and '.join(sources) or 'neither'}"
         )
-    words = _words(spec.required("words", f"[[word, start_s, end_s], ...], at most {MAX_WORDS}"), spec.field("words"))
+    words = spec.optional("words", None, _words)
     source = spec.field(sources[0])
     if sources[0] == "audio_base64":
         data = _base64_audio(spec.values["audio_base64"], source, limits.max_prefix_audio_bytes)
@@ -385,7 +386,8 @@ def _prefix_audio(value: object, field: str, limits: WorkerLimits) -> PrefixAudi
         data = fetch_audio(_string(spec.values["audio_url"], source), limits, source)
     samples, sample_rate = _decode_audio(data, source, limits.max_prefix_audio_s)
     duration_s = samples.shape[0] / sample_rate
-    _check_words_fit(words, spec.field("words"), duration_s)
+    if words is not None:
+        _check_words_fit(words, spec.field("words"), duration_s)
     return PrefixAudio(samples=samples, sample_rate=sample_rate, words=words, duration_s=duration_s)
 
 
@@ -697,6 +699,11 @@ class JobMetrics:
     rtf: float
     """Generation time over audio duration: below 1 is faster than real time."""
     frames: int
+    prefix_ms: float | None = None
+    """Time to make the voice prefix ready (transcription when words were not given, Mimi encode); None
+    without a prefix."""
+    prefix_cached: bool | None = None
+    """Every prefix speaker's words (when not given) and Mimi codes came from the cache; None without a prefix."""
 
 
 def audio_item(seq: int, start_sample: int, pcm_s16le: bytes, sample_rate: int) -> dict[str, Any]:
@@ -735,9 +742,11 @@ def result_item(
     metrics: JobMetrics,
     audio_base64: str | None = None,
     storage_error: str | None = None,
+    prefix_words: Mapping[str, Sequence[tuple[str, float, float]]] | None = None,
 ) -> dict[str, Any]:
-    """The final item. When the upload failed, audio_url/bucket/key are None, audio_base64 holds the WAV
-    and storage_error says why it is inline."""
+    """The final item. When the upload failed, audio_url/bucket/key are None, audio_base64 holds the file
+    and storage_error says why it is inline. prefix_words: the words each prefix speaker was conditioned on
+    (given or transcribed), by speaker."""
     result = {
         "type": "result",
         "audio_url": audio_url,
@@ -749,6 +758,8 @@ def result_item(
         "seed": seed,
         "metrics": dataclasses.asdict(metrics),
     }
+    if prefix_words is not None:
+        result["prefix_words"] = {speaker: [list(word) for word in words] for speaker, words in prefix_words.items()}
     if audio_base64 is not None:
         result["audio_base64"] = audio_base64
     if storage_error is not None:

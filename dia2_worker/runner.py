@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, TypeVar
 
 from . import audio
+from .asr import VoicePrefixes, Words
 from .encoders import FORMATS, encode_file
 from .engine import GenerationParamError, GenerationParams, GenerationPlan, GenerationRequest, PrefixSpeech, VoicePrefix
 from .jobs import (FRAME_MS, JobInputError, JobMetrics, JobRequest, WorkerLimits, audio_item, check_all_but_prefix,
@@ -90,10 +91,20 @@ class PhaseTimeout(Exception):
     """The job's deadline passed before it reached the scheduler; the message names the phase."""
 
 
+@dataclass(frozen=True)
+class PreparedJob:
+    job: JobRequest
+    """Every prefix speaker with words: given, or transcribed from the recording."""
+    plan: GenerationPlan
+    prefix_ms: float | None
+    prefix_cached: bool | None
+
+
 class JobRunner:
     def __init__(self, scheduler: Scheduler, storage: Storage, limits: WorkerLimits,
-                 settings: RunnerSettings) -> None:
+                 settings: RunnerSettings, voices: VoicePrefixes) -> None:
         self.scheduler, self.storage, self.limits, self.settings = scheduler, storage, limits, settings
+        self.voices = voices
         self.sample_rate = scheduler.engine.codec.sample_rate
         self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="dia2-download")
         self.planning = ThreadPoolExecutor(PLANNING_THREADS, thread_name_prefix="dia2-plan")
@@ -104,21 +115,21 @@ class JobRunner:
         received_at = time.monotonic() if received_at is None else received_at
         deadline = self.deadline(received_at)
         try:
-            job, plan = await self.plan(job_id, raw_input, deadline)
+            prepared = await self.plan(job_id, raw_input, deadline)
         except JobInputError as exc:
             yield error_item(str(exc))
             return
         except PhaseTimeout as exc:
             yield error_item(f"timeout: the job's time limit passed while {exc} (JOB_TIMEOUT_S)")
             return
-        async for item in self._generate(job_id, job, plan, received_at, deadline):
+        async for item in self._generate(job_id, prepared, received_at, deadline):
             yield item
 
     def deadline(self, received_at: float) -> float | None:
         """When a job that arrived at `received_at` (time.monotonic()) must be done (JOB_TIMEOUT_S)."""
         return None if self.settings.job_timeout_s is None else received_at + self.settings.job_timeout_s
 
-    async def plan(self, job_id: str, raw_input: object, deadline: float | None) -> tuple[JobRequest, GenerationPlan]:
+    async def plan(self, job_id: str, raw_input: object, deadline: float | None) -> PreparedJob:
         """Validate a job input and plan its generation on the runner's pools. A refusal is a JobInputError
         naming the job's field; a deadline passed on the way is a PhaseTimeout. The HTTP server plans here too."""
         engine = self.scheduler.engine
@@ -130,11 +141,20 @@ class JobRunner:
                 await self._before(deadline, "reading the input", pool, check_all_but_prefix, raw_input, self.limits)
                 pool = self.downloads
             job = await self._before(deadline, "reading the input", pool, parse_job, raw_input, self.limits)
-            # Planning (tokenising, the voice prefix's Mimi encode) happens here, off the scheduler's thread.
-            request = to_generation_request(job, engine.max_delay, job_id)
-            return job, await self._before(deadline, "planning", self.planning, engine.prepare, request)
+            return await self._before(deadline, "planning", self.planning, self._prepare, job_id, job)
         except GenerationParamError as exc:
             raise JobInputError(job_field(exc.param), exc.message) from None
+
+    def _prepare(self, job_id: str, job: JobRequest) -> PreparedJob:
+        """Words for prefix speakers sent without them (transcription), then planning (tokenising, the prefix's
+        Mimi encode): blocking work that runs here, off the event loop and the scheduler's thread."""
+        started = time.monotonic()
+        voices = self.voices.complete(job)
+        engine = self.scheduler.engine
+        plan = engine.prepare(to_generation_request(voices.job, engine.max_delay, job_id))
+        if job.prefix is None:
+            return PreparedJob(voices.job, plan, None, None)
+        return PreparedJob(voices.job, plan, (time.monotonic() - started) * 1000, voices.cached)
 
     async def _before(self, deadline: float | None, phase: str, pool: Executor, call, *args) -> T:
         """`call(*args)` on `pool`, given up (left to finish on its own) once the job's deadline passes."""
@@ -144,8 +164,9 @@ class JobRunner:
         except TimeoutError:
             raise PhaseTimeout(phase) from None
 
-    async def _generate(self, job_id: str, job: JobRequest, plan: GenerationPlan,
-                        received_at: float, deadline: float | None) -> AsyncIterator[dict]:
+    async def _generate(self, job_id: str, prepared: PreparedJob, received_at: float,
+                        deadline: float | None) -> AsyncIterator[dict]:
+        job, plan = prepared.job, prepared.plan
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         ticket = self.scheduler.submit(plan, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
@@ -182,10 +203,10 @@ class JobRunner:
         metrics = JobMetrics(
             queue_ms=((ticket.started_at or received_at) - received_at) * 1000, ttfa_ms=ttfa_ms,
             generate_ms=generate_ms, rtf=generate_ms / 1000 / duration_s if duration_s else 0.0,
-            frames=stream.frames,
+            frames=stream.frames, prefix_ms=prepared.prefix_ms, prefix_cached=prepared.prefix_cached,
         )
         fields = dict(duration_s=duration_s, timestamps=[[w, t] for w, t in stream.timestamps],
-                      seed=plan.params.seed, metrics=metrics)
+                      seed=plan.params.seed, metrics=metrics, prefix_words=prefix_words(job))
         yield await self.keeper.keep(job_id, job, data, fields, deadline,
                                      room=self.settings.max_output_bytes - output_bytes)
 
@@ -331,6 +352,14 @@ class _AudioStream:
             items.append(words_item(spoken))
             self.words_sent += len(spoken)
         return items
+
+
+def prefix_words(job: JobRequest) -> dict[str, Words] | None:
+    """The words each prefix speaker was conditioned on (given or transcribed), so a user can pass them next time."""
+    if job.prefix is None:
+        return None
+    speakers = {"speaker_1": job.prefix.speaker_1, "speaker_2": job.prefix.speaker_2}
+    return {name: speaker.words for name, speaker in speakers.items() if speaker is not None}
 
 
 def _job_error(exc: GenerationParamError) -> str:

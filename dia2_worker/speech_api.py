@@ -239,7 +239,7 @@ class SpeechApi:
         request_id = uuid.uuid4().hex
         deadline = runner.deadline(time.monotonic())
         try:
-            _, plan = await runner.plan(request_id, speech.job, deadline)
+            plan = (await runner.plan(request_id, speech.job, deadline)).plan
         except JobInputError as exc:
             param = "input" if exc.field == "text" else exc.field
             raise _invalid(param, str(exc).removeprefix(f"{exc.field}: ")) from None

@@ -55,6 +55,13 @@ class WorkerSettings:
     """SPOOL_MAX_BYTES: most disk the spool of un-uploadable WAVs takes, oldest deleted first (2 GiB)."""
     log_level: str
     """LOG_LEVEL: DEBUG, INFO (default), WARNING, ERROR."""
+    asr_model_dir: Path
+    """ASR_MODEL_DIR: the speech recognition model that finds a voice prefix's words when a job sends none
+    (default: <MODEL_DIR>/asr, where bake_weights.py --asr puts it)."""
+    asr_preload: bool
+    """ASR_PRELOAD: load it at start instead of on the first job that needs it (default off)."""
+    voice_cache_entries: int
+    """VOICE_CACHE_ENTRIES: recordings whose transcribed words and Mimi codes are kept (LRU, default 256)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "WorkerSettings":
@@ -74,6 +81,7 @@ class WorkerSettings:
         log_level = (env.get("LOG_LEVEL") or "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise WorkerConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        model_dir = Path(env.get("MODEL_DIR") or "/models/dia2")
         return cls(
             model_dir=model_dir,
             device=device,
@@ -88,6 +96,9 @@ class WorkerSettings:
             upload_timeout_s=env_number(env, "UPLOAD_TIMEOUT_S", float, Range(1.0, 3600.0), 60.0),
             spool_max_bytes=env_number(env, "SPOOL_MAX_BYTES", int, Range(0), 2 * 1024**3),
             log_level=log_level,
+            asr_model_dir=Path(env.get("ASR_MODEL_DIR") or model_dir / "asr"),
+            asr_preload=env_flag(env, "ASR_PRELOAD", False),
+            voice_cache_entries=env_number(env, "VOICE_CACHE_ENTRIES", int, Range(0, 1_000_000), 256),
         )
 
 
@@ -146,8 +157,19 @@ class WorkerService:
         """A loaded engine behind a scheduler and the job runner, not yet warmed up; `storage()` gives the
         storage client (built beside the model load). The scheduler's thread is stopped at exit, before
         torch's thread pools are torn down (a thread still holding torch state then aborts the process)."""
+        from .asr import AsrUnavailable, VoiceCache, VoicePrefixes, WhisperTranscriber
         from .runner import JobRunner, RunnerSettings
         from .scheduler import RunMode, Scheduler
+
+        voices = VoiceCache(settings.voice_cache_entries)
+        engine.encode_audio = voices.encoder(engine.encode_audio)  # a voice seen before is not encoded again
+        transcriber = WhisperTranscriber(settings.asr_model_dir, settings.device)
+        if settings.asr_preload:
+            with PHASES.phase("speech recognition model"):
+                try:
+                    transcriber.load()
+                except AsrUnavailable as exc:
+                    raise WorkerConfigError(f"ASR_PRELOAD: {exc}") from None
 
         frame_rate = engine.codec.frame_rate
         max_duration = engine.config.runtime.max_context_steps / frame_rate
@@ -172,7 +194,7 @@ class WorkerService:
             job_timeout_s=settings.job_timeout_s,
             upload_timeout_s=settings.upload_timeout_s,
             spool_max_bytes=settings.spool_max_bytes,
-        ))
+        ), VoicePrefixes(voices, transcriber))
         return cls(settings, runner, scheduler)
 
     def warm_up(self) -> None:

@@ -107,9 +107,11 @@ def test_command_and_environment():
     env = " ".join(instructions("ENV"))
     for setting in ("MODEL_DIR=/models/dia2", "HF_HUB_OFFLINE=1", "RUNPOD_LOG_LEVEL=INFO"):
         assert setting in env
-    assert {"MODEL", "MODEL_REVISION", "MIMI", "DTYPE", "DEMO"} <= {a.split("=")[0] for a in instructions("ARG")}
+    assert {"MODEL", "MODEL_REVISION", "MIMI", "DTYPE", "DEMO", "ASR", "ASR_REVISION"} <= {
+        a.split("=")[0] for a in instructions("ARG")}
     bake = " ".join(instructions("RUN"))
     assert '--model "$MODEL" --revision "$MODEL_REVISION"' in bake and "--verify /models/dia2" in bake
+    assert '--asr "$ASR" --asr-revision "$ASR_REVISION"' in bake
 
 
 def test_requirements_are_pinned():

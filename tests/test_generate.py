@@ -61,7 +61,9 @@ def test_bad_values_name_the_flag(tiny_dir, tmp_path):
         (["--top-k", "0"], "--top-k: must be >= 1"),
         (["--cfg-scale", "0"], "--cfg-scale: must be a finite number > 0"),
         (["--max-frames", "5"], "--max-frames: the text needs at least"),
-        (["--prefix-speaker-2", out], "--prefix-speaker-2 and --prefix-speaker-2-words go together"),
+        (["--prefix-speaker-2", out], "--prefix-speaker-2 needs --prefix-speaker-1"),
+        (["--prefix-speaker-1-words", out], "--prefix-speaker-1-words needs --prefix-speaker-1"),
+        (["--prefix-speaker-1", out], f"--prefix-speaker-1: {out} not found; give a file"),
         (["--include-prefix"], "--include-prefix needs --prefix-speaker-1"),
     ]:
         result = generate("--model-dir", str(tiny_dir), "--text", "[S1] hello world", "--out", out, *args)

@@ -488,10 +488,14 @@ def test_undecodable_audio_errors_show_no_worker_internals() -> None:
 # Words
 
 
+def test_words_may_be_left_to_speech_recognition() -> None:
+    for speaker in ({"audio_base64": b64(WAV)}, {"audio_base64": b64(WAV), "words": None}):
+        assert parse_job(with_prefix(speaker), DEFAULTS).prefix.speaker_1.words is None
+
+
 @pytest.mark.parametrize(
     ("words", "field", "fragment"),
     [
-        (None, "words", "required: [[word, start_s, end_s], ...], at most 1000"),
         ("hi 0 1", "words", "list of 1 to 1000 [word, start_s, end_s] entries"),
         ([], "words", "list of 1 to 1000"),
         ([["a", 0.0, 0.1]] * 1001, "words", "list of 1 to 1000"),
@@ -927,8 +931,12 @@ def test_result_item_with_storage_and_inline_fallback() -> None:
         "duration_s": 2.0,
         "timestamps": [["hi", 0.0]],
         "seed": 7,
-        "metrics": {"queue_ms": 5.0, "ttfa_ms": 180.0, "generate_ms": 900.0, "rtf": 0.45, "frames": 25},
+        "metrics": {"queue_ms": 5.0, "ttfa_ms": 180.0, "generate_ms": 900.0, "rtf": 0.45, "frames": 25,
+                    "prefix_ms": None, "prefix_cached": None},
     }
+    voiced = result_item(audio_url=None, bucket=None, key=None, prefix_words={"speaker_1": (("hi", 0.1, 0.4),)},
+                         **fields)
+    assert voiced["prefix_words"] == {"speaker_1": [["hi", 0.1, 0.4]]}
     inline = result_item(audio_url=None, bucket=None, key=None, audio_base64="UklGRg==", **fields)
     assert inline["audio_base64"] == "UklGRg==" and inline["audio_url"] is None
     json.dumps(inline)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from dia2_worker.asr import VoiceCache, VoicePrefixes, WhisperTranscriber
 from dia2_worker.jobs import JobMetrics, WorkerLimits, parse_job
 from dia2_worker.runner import DOWNLOAD_THREADS, PLANNING_THREADS, JobRunner, Keeper, RunnerSettings, seed_for
 from dia2_worker.scheduler import Scheduler
@@ -199,6 +200,8 @@ def url_job(tiny_dir: Path, url: str) -> dict:
     return {**JOB, "prefix": {"speaker_1": {"audio_url": url, "words": words}}}
 
 
+VOICES = VoicePrefixes(VoiceCache(0), WhisperTranscriber(Path("/nonexistent")))
+"""No speech recognition: these jobs send words with any prefix."""
 LOOPBACK = WorkerLimits(private_audio_networks=WorkerLimits.from_env(
     {"ALLOW_PRIVATE_AUDIO_URLS": "127.0.0.1"}).private_audio_networks, audio_url_timeout_s=60)
 
@@ -206,7 +209,7 @@ LOOPBACK = WorkerLimits(private_audio_networks=WorkerLimits.from_env(
 def test_the_time_limit_covers_the_download(scheduler: Scheduler, held: HeldAudio, tiny_dir: Path,
                                             tmp_path: Path) -> None:
     runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), LOOPBACK,
-                       RunnerSettings(job_timeout_s=0.5))
+                       RunnerSettings(job_timeout_s=0.5), VOICES)
     assert collect(runner, "slow", url_job(tiny_dir, held.url)) == [
         {"error": "timeout: the job's time limit passed while reading the input (JOB_TIMEOUT_S)"}]
 
@@ -214,7 +217,7 @@ def test_the_time_limit_covers_the_download(scheduler: Scheduler, held: HeldAudi
 def test_the_time_limit_covers_waiting_for_planning(scheduler: Scheduler, tmp_path: Path) -> None:
     """Planning threads all busy (long prefix encodes, say): the job's clock runs while it waits for one."""
     runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), WorkerLimits(),
-                       RunnerSettings(job_timeout_s=0.3))
+                       RunnerSettings(job_timeout_s=0.3), VOICES)
     busy = threading.Event()
     blockers = [runner.planning.submit(busy.wait) for _ in range(PLANNING_THREADS)]
     try:
@@ -227,8 +230,8 @@ def test_the_time_limit_covers_waiting_for_planning(scheduler: Scheduler, tmp_pa
 
 def test_the_time_limit_covers_the_wait_for_a_slot_and_generation(scheduler: Scheduler, tmp_path: Path) -> None:
     storage = LocalStorage(StorageSettings(output_dir=tmp_path))
-    free = JobRunner(scheduler, storage, WorkerLimits(), RunnerSettings())
-    timed = JobRunner(scheduler, storage, WorkerLimits(), RunnerSettings(job_timeout_s=0.3))
+    free = JobRunner(scheduler, storage, WorkerLimits(), RunnerSettings(), VOICES)
+    timed = JobRunner(scheduler, storage, WorkerLimits(), RunnerSettings(job_timeout_s=0.3), VOICES)
     long_job = {"text": "[S1] " + "one two three four " * 6, "seed": 1, "chunk_ms": 80}
 
     async def both() -> tuple[list[dict], list[dict]]:
@@ -268,7 +271,7 @@ def test_upload_timeout_bounds_all_the_retries(s3, proxy: FaultProxy, tmp_path: 
 
 def test_a_job_without_downloads_runs_while_downloads_hang(scheduler: Scheduler, held: HeldAudio, tiny_dir: Path,
                                                            tmp_path: Path) -> None:
-    runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), LOOPBACK, RunnerSettings())
+    runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), LOOPBACK, RunnerSettings(), VOICES)
 
     async def run() -> tuple[list[dict], bool]:
         downloads = [asyncio.ensure_future(anext(runner.run(f"url-{n}", url_job(tiny_dir, held.url))))
@@ -287,7 +290,7 @@ def test_a_job_without_downloads_runs_while_downloads_hang(scheduler: Scheduler,
 
 def test_a_cheap_mistake_beside_an_audio_url_is_answered_while_downloads_hang(
         scheduler: Scheduler, held: HeldAudio, tiny_dir: Path, tmp_path: Path) -> None:
-    runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), LOOPBACK, RunnerSettings())
+    runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), LOOPBACK, RunnerSettings(), VOICES)
 
     async def run() -> tuple[list[dict], bool]:
         downloads = [asyncio.ensure_future(anext(runner.run(f"url-{n}", url_job(tiny_dir, held.url))))
@@ -308,7 +311,7 @@ def test_bad_input_is_answered_while_uploads_hang(scheduler: Scheduler, s3, prox
                                                   tmp_path: Path) -> None:
     proxy.inject(Fault("stall", stall_s=30, times=1000))
     storage = s3(BUCKET_READ_TIMEOUT_S="60", UPLOAD_MAX_ATTEMPTS="1")  # once the proxy closes, they give up
-    runner = JobRunner(scheduler, storage, WorkerLimits(), RunnerSettings(spool_dir=tmp_path, upload_timeout_s=60))
+    runner = JobRunner(scheduler, storage, WorkerLimits(), RunnerSettings(spool_dir=tmp_path, upload_timeout_s=60), VOICES)
     finished: list[str] = []
 
     async def job(job_id: str, raw: dict) -> None:
@@ -333,7 +336,7 @@ def test_bad_input_is_answered_while_uploads_hang(scheduler: Scheduler, s3, prox
 
 def test_a_retried_job_without_a_seed_repeats_its_audio(scheduler: Scheduler, tmp_path: Path) -> None:
     runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), WorkerLimits(),
-                       RunnerSettings())
+                       RunnerSettings(), VOICES)
     unseeded = {"text": "[S1] hello world", "max_duration_s": 2.0}
     first, retry, other = (collect(runner, job_id, unseeded)[-1] for job_id in ("job-a", "job-a", "job-b"))
     assert first["seed"] == retry["seed"] == seed_for("job-a") and first["sha256"] == retry["sha256"]
@@ -351,7 +354,7 @@ def test_inline_audio_only_when_the_whole_output_fits(scheduler: Scheduler, s3, 
     audio inline would pass the limit, so it is spooled; without streamed audio it goes inline."""
     proxy.inject(Fault("error", status=403, code="AccessDenied", times=100))
     limit = 150_000  # this job streams ~90 kB of JSON; its WAV inline adds ~87 kB
-    runner = JobRunner(scheduler, s3(), WorkerLimits(), RunnerSettings(spool_dir=tmp_path, max_output_bytes=limit))
+    runner = JobRunner(scheduler, s3(), WorkerLimits(), RunnerSettings(spool_dir=tmp_path, max_output_bytes=limit), VOICES)
     items = collect(runner, "job-1", {**JOB, "stream": stream, "chunk_ms": 80})
     assert sum(len(json.dumps(item)) for item in items) <= limit
     if stream:
