@@ -80,3 +80,14 @@ def start_worker(plane, tmp_path: Path) -> Iterator:
         for worker in workers:
             print(f"--- {worker.log_path} (exit {worker.returncode})\n{worker.log()}")
     assert [worker.returncode for worker in workers] == [0] * len(workers)
+
+
+def linked_long_model(tiny_dir: Path, directory: Path) -> dict:
+    """Links the tiny checkpoint's files into `directory`, all but config.json, and returns its config with
+    Dia2's real 1500-frame context (a generation long enough to be stopped halfway); the caller writes it."""
+    for item in tiny_dir.iterdir():
+        if item.name != "config.json":
+            (directory / item.name).symlink_to(item)
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["runtime"]["max_context_steps"] = 1500
+    return config

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dia2_worker.jobs import WorkerLimits
-from dia2_worker.runner import plan_job
+from dia2_worker.jobs import WorkerLimits, parse_job
+from dia2_worker.runner import to_generation_request
 from dia2_worker.speech_api import ServerSettings
 from dia2_worker.storage import StorageSettings
 from dia2_worker.worker import WorkerSettings
@@ -47,8 +47,8 @@ def test_hub_env_entries_are_variables_the_worker_reads() -> None:
             assert isinstance(spec["default"], kind), entry["key"]
 
 
-def test_hub_defaults_pass_the_workers_checks() -> None:
-    env = {"DEVICE": "cpu"}
+def test_hub_defaults_pass_the_workers_checks(tiny_dir: Path) -> None:
+    env = {"DEVICE": "cpu", "MODEL_DIR": str(tiny_dir)}  # the image's baked model stands in for /models/dia2
     for entry in HUB["config"]["env"]:
         default = entry["input"]["default"]
         if default != "":
@@ -73,5 +73,6 @@ def test_tests_json_has_what_the_hub_requires() -> None:
 @pytest.mark.parametrize("test", TESTS["tests"], ids=[t["name"] for t in TESTS["tests"]])
 def test_the_test_job_passes_validation_and_planning(test: dict, engine) -> None:
     env = {variable["key"]: variable["value"] for variable in TESTS["config"]["env"]}
-    job, plan = plan_job(engine, test["input"], WorkerLimits.from_env(env))
+    job = parse_job(test["input"], WorkerLimits.from_env(env))
+    plan = engine.prepare(to_generation_request(job, engine.max_delay, "hub-test"))
     assert job.text == test["input"]["text"] and plan.params.seed == test["input"]["seed"]

@@ -21,6 +21,7 @@ import numpy as np
 import openai
 import pytest
 
+from conftest import linked_long_model
 from test_encoders import decode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,11 +92,7 @@ def server(tiny_dir: Path, voices: Path, tmp_path_factory: pytest.TempPathFactor
     """One slot and one waiting place. config.json is a pipe the test writes only after the first /ping, so
     that ping is answered while the model is still loading; the context is Dia2's full 1500 frames."""
     model = tmp_path_factory.mktemp("model")
-    for item in tiny_dir.iterdir():
-        if item.name != "config.json":
-            (model / item.name).symlink_to(item)
-    config = json.loads((tiny_dir / "config.json").read_text())
-    config["runtime"]["max_context_steps"] = 1500
+    config = linked_long_model(tiny_dir, model)
     os.mkfifo(model / "config.json")
     env = {**os.environ, "MODEL_DIR": str(model), "DEVICE": "cpu", "SLOTS": "1", "MAX_WAITING": "1",
            "OUTPUT_DIR": str(tmp_path_factory.mktemp("out")), "VOICES_DIR": str(voices), "API_KEY": API_KEY,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import linked_long_model
 from control_plane import ControlPlane
 from local_api import serve_local_api
 from s3_server import FaultProxy, MotoServer, bucket_env
@@ -37,12 +38,7 @@ def long_model(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """The tiny checkpoint with Dia2's real 1500-frame context, so a generation can run long enough to be
     stopped halfway."""
     model = tmp_path_factory.mktemp("long-model")
-    for item in tiny_dir.iterdir():
-        if item.name != "config.json":
-            (model / item.name).symlink_to(item)
-    config = json.loads((tiny_dir / "config.json").read_text())
-    config["runtime"]["max_context_steps"] = 1500
-    (model / "config.json").write_text(json.dumps(config))
+    (model / "config.json").write_text(json.dumps(linked_long_model(tiny_dir, model)))
     return model
 
 
