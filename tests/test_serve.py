@@ -22,6 +22,9 @@ import openai
 import pytest
 
 from conftest import linked_long_model
+from dia2_worker.asr import WhisperTranscriber
+from dia2_worker.audio import read_audio
+from dia2_worker.random_asr import WORDS, write_random_asr
 from test_encoders import decode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +91,16 @@ def voices(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir: Path, voices: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, list]]:
+def asr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny speech recognition model (it says "demo voice sample" for any sound)."""
+    directory = tmp_path_factory.mktemp("asr") / "asr"
+    write_random_asr(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path, voices: Path, asr_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, list]]:
     """One slot and one waiting place. config.json is a pipe the test writes only after the first /ping, so
     that ping is answered while the model is still loading; the context is Dia2's full 1500 frames."""
     model = tmp_path_factory.mktemp("model")
@@ -96,7 +108,7 @@ def server(tiny_dir: Path, voices: Path, tmp_path_factory: pytest.TempPathFactor
     os.mkfifo(model / "config.json")
     env = {**os.environ, "MODEL_DIR": str(model), "DEVICE": "cpu", "SLOTS": "1", "MAX_WAITING": "1",
            "OUTPUT_DIR": str(tmp_path_factory.mktemp("out")), "VOICES_DIR": str(voices), "API_KEY": API_KEY,
-           "MAX_PREFIX_AUDIO_S": "5", "LOG_LEVEL": "INFO"}
+           "MAX_PREFIX_AUDIO_S": "5", "LOG_LEVEL": "INFO", "ASR_MODEL_DIR": str(asr_dir)}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env.pop(name, None)
     running = Server(env, tmp_path_factory.mktemp("log") / "server.log")
@@ -281,6 +293,20 @@ def test_a_registered_voice_is_its_prefix(client: openai.OpenAI, tiny_dir: Path,
     voiced = (tmp_path / "voice.pcm").read_bytes()
     assert voiced == (tmp_path / "prefix.pcm").read_bytes()
     assert voiced != (tmp_path / "none.pcm").read_bytes()
+
+
+def test_a_recording_alone_is_transcribed_for_its_prefix(client: openai.OpenAI, tiny_dir: Path, asr_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """A prefix sent without words speaks as if the words faster-whisper hears in it had been sent."""
+    recording = (tiny_dir / "prefix_s1.wav").read_bytes()
+    heard = WhisperTranscriber(asr_dir).transcribe(*read_audio(recording))
+    assert [word for word, _, _ in heard] == list(WORDS)
+    audio_only = {"speaker_1": {"audio_base64": base64.b64encode(recording).decode()}}
+    with_words = {"speaker_1": {**audio_only["speaker_1"], "words": [list(word) for word in heard]}}
+    speak(client, tmp_path / "heard.pcm", response_format="pcm", prefix=audio_only, **DIA2)
+    speak(client, tmp_path / "given.pcm", response_format="pcm", prefix=with_words, **DIA2)
+    assert (tmp_path / "heard.pcm").read_bytes() == (tmp_path / "given.pcm").read_bytes()
+    assert (tmp_path / "heard.pcm").stat().st_size > 0
 
 
 def test_api_key_is_required_except_for_ping(server) -> None:
