@@ -182,14 +182,15 @@ def test_sixteen_concurrent_jobs_complete_like_jobs_run_alone(plane: ControlPlan
                             SLOTS="8", MAX_CONCURRENCY="16"))
     scripts = ["[S1] hello world", "[S2] how are you today", "[S1] the quick brown fox [S2] jumps",
                "[S1] fine thanks"]
+    # A job without "input" reaches the worker, which answers it, when the SDK takes it in a batch: it is queued
+    # first, so the worker's first take (16 free places: the batch URL) holds it. The SDK's single-job take (one
+    # free place) drops it unanswered (README, "Job input").
+    no_input = plane.submit_job({"id": "no-input"})
     jobs = {}
     for n in range(16):
         job_input = {"text": scripts[n % 4], "seed": n, "temperature": [0.0, 0.8][n % 2], "top_k": 10 + n,
                      "cfg_scale": [1.0, 2.0, 3.0][n % 3], "chunk_ms": 160 * (1 + n % 3), "max_duration_s": 8}
         jobs[plane.submit(job_input)] = job_input
-    # Taken in a batch (concurrency above 1), a job without "input" reaches the worker, which answers it; the
-    # SDK's single-job take drops it unanswered (README, "Job input").
-    no_input = plane.submit_job({"id": "no-input"})
     concurrent = {job_id: outputs(plane, job_id) for job_id in jobs}
     assert plane.wait_result(no_input, JOB_TIMEOUT).body == {"error": "input: must be a JSON object, got null"}
     for job_id, (result, items) in concurrent.items():
