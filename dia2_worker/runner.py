@@ -167,31 +167,22 @@ class JobRunner:
     async def _generate(self, job_id: str, prepared: PreparedJob, received_at: float,
                         deadline: float | None) -> AsyncIterator[dict]:
         job, plan = prepared.job, prepared.plan
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-        ticket = self.scheduler.submit(plan, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out),
-                                       deadline)
+        generation = ScheduledGeneration(self.scheduler, plan, deadline)
+        ticket = generation.ticket
         stream = _AudioStream(job, self.sample_rate)
         ttfa_ms = None
         output_bytes = 0  # of the aggregated output so far
         try:
-            while True:
-                try:
-                    out = await _until(deadline, outputs.get())
-                except TimeoutError:  # the scheduler only looks at a waiting job's deadline when a slot frees
-                    phase = "generating" if ticket.started_at is not None else "it waited for a slot"
-                    out = JobTimeout(f"the job's time limit passed while {phase}")
-                if isinstance(out, BaseException):
-                    yield error_item(_failure(out, job_id))
-                    return
+            async for out in generation:
                 items = stream.add(out)
                 if ttfa_ms is None and stream.samples:
                     ttfa_ms = (time.monotonic() - received_at) * 1000
                 for item in items:
                     output_bytes += _json_size(item)
                     yield item
-                if out.finished:
-                    break
+        except Exception as exc:  # what ended the generation: the client hears what, the log gets the rest
+            yield error_item(_failure(exc, job_id))
+            return
         finally:
             ticket.cancel()  # no-op once finished; frees the slot if the job was cancelled or failed here
         generate_ms = (time.monotonic() - (ticket.started_at or received_at)) * 1000
@@ -209,6 +200,37 @@ class JobRunner:
                       seed=plan.params.seed, metrics=metrics, prefix_words=prefix_words(job))
         yield await self.keeper.keep(job_id, job, data, fields, deadline,
                                      room=self.settings.max_output_bytes - output_bytes)
+
+
+class ScheduledGeneration:
+    """A plan submitted to the scheduler, awaited on the event loop: iterating yields each step's Emitted until
+    the finished one; what ended it otherwise (the scheduler's exception, or the deadline passing) is raised.
+    The caller cancels the ticket when it stops early. The queue runner and the speech server both use it."""
+
+    def __init__(self, scheduler: Scheduler, plan: GenerationPlan, deadline: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.outputs: asyncio.Queue = asyncio.Queue()
+        self.deadline = deadline
+        self.finished = False  # the scheduler let go of it
+        self.frames = 0
+        self.words: list[list] = []  # [[word, seconds], ...] so far
+        self.ticket = scheduler.submit(plan, lambda out: loop.call_soon_threadsafe(self.outputs.put_nowait, out),
+                                       deadline)
+
+    async def __aiter__(self) -> AsyncIterator[Emitted]:
+        while not self.finished:
+            try:
+                out = await _until(self.deadline, self.outputs.get())
+            except TimeoutError:  # the scheduler only looks at a waiting job's deadline when a slot frees
+                phase = "generating" if self.ticket.started_at is not None else "it waited for a slot"
+                raise JobTimeout(f"the job's time limit passed while {phase}") from None
+            if isinstance(out, BaseException):
+                self.finished = True
+                raise out
+            self.finished = out.finished
+            self.frames += len(out.frames)
+            self.words += [[word.text, word.time_s] for word in out.words]
+            yield out
 
 
 class Keeper:

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +31,9 @@ from starlette.routing import Route
 from .encoders import FORMATS, StreamEncoder
 from .env import Range, WorkerConfigError, env_number, env_text
 from .jobs import FRAME_MS, JobInputError, WorkerLimits, parse_job
+
+if TYPE_CHECKING:  # the runner imports torch: imported at the first request, so the server listens before that
+    from .runner import ScheduledGeneration
 
 log = logging.getLogger("dia2_worker.serve")
 
@@ -233,7 +236,7 @@ class SpeechApi:
 
     async def _start(self, service, speech: SpeechRequest) -> Response:
         """Plan (off the event loop), submit, and answer with the stream; a refused input is a 400."""
-        from .runner import PhaseTimeout
+        from .runner import PhaseTimeout, ScheduledGeneration
 
         runner = service.runner
         request_id = uuid.uuid4().hex
@@ -246,7 +249,7 @@ class SpeechApi:
         except PhaseTimeout as exc:
             raise ApiError(504, f"timeout: the request's time limit passed while {exc} (JOB_TIMEOUT_S)",
                            kind="server_error") from None
-        generation = _Generation(service.scheduler, plan, deadline)
+        generation = ScheduledGeneration(service.scheduler, plan, deadline)
         encoder = StreamEncoder(speech.response_format, runner.sample_rate)
         headers = {"X-Request-Id": request_id, "X-Seed": str(plan.params.seed)}
         log.info("request %s: %s, %s stream, seed %d", request_id, speech.response_format, speech.stream_format,
@@ -260,7 +263,7 @@ class SpeechApi:
         return _GenerationResponse(chunks, lambda: self._end(request_id, generation), headers=headers,
                                    media_type=media_type)
 
-    def _end(self, request_id: str, generation: _Generation) -> None:
+    def _end(self, request_id: str, generation: ScheduledGeneration) -> None:
         """However the response ended: count the request out, at once if its generation is over, else once a
         cancel has freed its slot."""
         if generation.finished:
@@ -269,7 +272,7 @@ class SpeechApi:
         else:
             self._release_later(request_id, generation)
 
-    def _release_later(self, request_id: str, generation: _Generation) -> None:
+    def _release_later(self, request_id: str, generation: ScheduledGeneration) -> None:
         """Cancel a generation the response no longer wants and count its request out once the scheduler has
         freed its slot (a task of its own: the response's task may be cancelled already)."""
         generation.ticket.cancel()
@@ -301,7 +304,7 @@ class _GenerationResponse(StreamingResponse):
             self.on_end()
 
 
-async def _audio(generation: _Generation, encoder: StreamEncoder) -> AsyncIterator[bytes]:
+async def _audio(generation: ScheduledGeneration, encoder: StreamEncoder) -> AsyncIterator[bytes]:
     """The encoded audio, sent as each step's frames are decoded."""
     from .audio import pcm16_bytes
 
@@ -312,31 +315,8 @@ async def _audio(generation: _Generation, encoder: StreamEncoder) -> AsyncIterat
         yield data
 
 
-class _Generation:
-    """A plan submitted to the scheduler; iterating awaits each step's output on the event loop."""
-
-    def __init__(self, scheduler, plan, deadline: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        self.outputs: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-        self.frames = 0
-        self.words: list[list] = []
-        self.ticket = scheduler.submit(plan, lambda out: loop.call_soon_threadsafe(self.outputs.put_nowait, out),
-                                       deadline)
-
-    async def __aiter__(self):
-        while not self.finished:
-            out = await self.outputs.get()
-            if isinstance(out, BaseException):
-                self.finished = True  # the scheduler let go of it
-                raise out
-            self.finished = out.finished
-            self.frames += len(out.frames)
-            self.words += [[word.text, word.time_s] for word in out.words]
-            yield out
-
-
-async def _sse(chunks: AsyncIterator[bytes], generation: _Generation, input_tokens: int) -> AsyncIterator[bytes]:
+async def _sse(chunks: AsyncIterator[bytes], generation: ScheduledGeneration,
+               input_tokens: int) -> AsyncIterator[bytes]:
     """OpenAI's speech events: `speech.audio.delta` with base64 audio, then `speech.audio.done` with usage
     (input: text tokens, output: audio frames) and the word timestamps."""
 
