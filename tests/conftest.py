@@ -41,6 +41,16 @@ def engine():
     return Dia2Engine.load(TINY)
 
 
+@pytest.fixture(scope="session")
+def asr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny speech recognition model (it says "demo voice sample" for any sound but silence)."""
+    from dia2_worker.random_asr import write_random_asr
+
+    directory = tmp_path_factory.mktemp("asr") / "asr"
+    write_random_asr(directory)
+    return directory
+
+
 @pytest.fixture(autouse=True)
 def no_http_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's HTTP(S)_PROXY must not capture loopback traffic (botocore and urllib honour it)."""

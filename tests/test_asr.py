@@ -28,13 +28,6 @@ ASR_MODULES = {"faster_whisper", "ctranslate2"}
 
 
 @pytest.fixture(scope="module")
-def asr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("asr") / "asr"
-    write_random_asr(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
 def prefix_wav(tiny_dir: Path) -> bytes:
     return (tiny_dir / "prefix_s1.wav").read_bytes()
 

@@ -24,7 +24,7 @@ import pytest
 from conftest import linked_long_model
 from dia2_worker.asr import WhisperTranscriber
 from dia2_worker.audio import read_audio
-from dia2_worker.random_asr import WORDS, write_random_asr
+from dia2_worker.random_asr import WORDS
 from test_encoders import decode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,14 +87,6 @@ def voices(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("voices")
     shutil.copy(tiny_dir / "prefix_s1.wav", directory / "narrator.wav")
     shutil.copy(tiny_dir / "prefix_s1.words.json", directory / "narrator.json")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def asr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo's tiny speech recognition model (it says "demo voice sample" for any sound)."""
-    directory = tmp_path_factory.mktemp("asr") / "asr"
-    write_random_asr(directory)
     return directory
 
 
