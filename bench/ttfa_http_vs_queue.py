@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -28,9 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import torch  # noqa: E402
 
 from control_plane import ControlPlane  # noqa: E402  (the tests' emulator)
+from dia2_worker.mimi.bench import machine  # noqa: E402
 
 TEXT = "[S1] Hello there, how are you today? [S2] Fine, thanks. And you?"
 MAX_DURATION_S = 6
@@ -143,8 +145,7 @@ def main() -> None:
     report = {
         "benchmark": "ttfa-http-vs-queue",
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "device": args.device},
+        "machine": {**machine(torch.device(args.device)), "device": args.device},
         "model_dir": args.model_dir, "text": TEXT, "max_duration_s": MAX_DURATION_S, "rounds": args.rounds,
         "slots": max(levels),
         "queue": "first audio stream item at the job-protocol emulator, from submission (chunk_ms 80)",

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -165,11 +163,15 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="asr-bench-") as scratch:
         results = measure(args, Path(scratch))
+    import torch
+
+    from .mimi.bench import machine
+
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "device": args.device,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine(torch.device(args.device)),
         "model_dir": str(args.model_dir), "asr_model_dir": str(args.asr_model_dir or "tiny random demo model"),
-        "streams": args.streams, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0], **results,
+        "streams": args.streams, **results,
     }
     path = args.json or RESULTS_DIR / f"asr-frame-gap-{args.device.split(':')[0]}-{report['date'][:10]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
