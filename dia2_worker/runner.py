@@ -132,7 +132,6 @@ class JobRunner:
     async def plan(self, job_id: str, raw_input: object, deadline: float | None) -> PreparedJob:
         """Validate a job input and plan its generation on the runner's pools. A refusal is a JobInputError
         naming the job's field; a deadline passed on the way is a PhaseTimeout. The HTTP server plans here too."""
-        engine = self.scheduler.engine
         try:
             # A job that downloads nothing never waits behind downloads; one that does is checked first, then
             # waits for a download thread.
