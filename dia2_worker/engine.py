@@ -31,6 +31,9 @@ from .sampling import FrameDraws, SamplingParams
 from .text import (FRAME_RATE, MAX_PADDING, Dia2Tokenizer, Entry, TextState, normalize_script, parse_script,
                    prefix_entries, text_step)
 
+AudioEncoder = Callable[[np.ndarray | torch.Tensor, int], torch.Tensor]
+"""Audio samples at a rate -> Mimi codes [C, T]."""
+
 __all__ = ["AudioFrame", "Dia2Engine", "Event", "GenerationParamError", "GenerationParams", "GenerationPlan",
            "GenerationRequest", "GenerationResult", "GenerationState", "PrefixSpeech", "VoicePrefix", "Word"]
 
@@ -152,11 +155,12 @@ class Dia2Engine:
                 + (")" if max_frames < max_context else ", the model's context)"))
         return params, entries, max_frames
 
-    def prepare(self, request: GenerationRequest) -> GenerationPlan:
+    def prepare(self, request: GenerationRequest, encode_audio: AudioEncoder | None = None) -> GenerationPlan:
         """`check`, encode the voice prefix and run the text machine through its frames. Safe from any thread:
-        the device work is the prefix's Mimi encode."""
+        the device work is the prefix's Mimi encode, by `encode_audio` when given (the worker's voice cache)."""
         params, entries, max_frames = self.check(request)
-        prefix_entries_, steps, codes = self._prefix(request.prefix) if request.prefix else ([], [], None)
+        prefix_entries_, steps, codes = (self._prefix(request.prefix, encode_audio or self.encode_audio)
+                                         if request.prefix else ([], [], None))
         all_entries = tuple(prefix_entries_ + entries)
         cpu = torch.device("cpu")
         text = TextState.allocate(1, len(all_entries), max(1, sum(len(e.tokens) for e in all_entries)), cpu)
@@ -199,7 +203,7 @@ class Dia2Engine:
         the end of script and the flush of the delayed codebooks."""
         return initial_padding + sum(max(len(e.tokens), e.padding) + 1 for e in entries) + self.flush_frames
 
-    def _prefix(self, prefix: VoicePrefix) -> tuple[list[Entry], list[int], torch.Tensor]:
+    def _prefix(self, prefix: VoicePrefix, encode_audio: AudioEncoder) -> tuple[list[Entry], list[int], torch.Tensor]:
         """Prefix speakers -> word entries, forced new-word steps and the aligned Mimi codes [C, T]."""
         entries, steps, codes = [], [], []
         offset = 3  # speaker 1's steps are shifted by 3 frames, as the original runtime does
@@ -209,7 +213,7 @@ class Dia2Engine:
             speaker_entries, speaker_steps = prefix_entries(speech.words, self.tokenizer, tag)
             entries += speaker_entries
             steps += [s + offset for s in speaker_steps]
-            codes.append(self.encode_audio(speech.samples, speech.sample_rate))
+            codes.append(encode_audio(speech.samples, speech.sample_rate))
             offset = codes[0].shape[1]
         return entries, steps, torch.cat(codes, dim=1)
 

@@ -105,6 +105,7 @@ class JobRunner:
                  settings: RunnerSettings, voices: VoicePrefixes) -> None:
         self.scheduler, self.storage, self.limits, self.settings = scheduler, storage, limits, settings
         self.voices = voices
+        self.encode_audio = voices.cache.encoder(scheduler.engine.encode_audio)  # a voice seen before: no encode
         self.sample_rate = scheduler.engine.codec.sample_rate
         self.downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="dia2-download")
         self.planning = ThreadPoolExecutor(PLANNING_THREADS, thread_name_prefix="dia2-plan")
@@ -150,7 +151,7 @@ class JobRunner:
         started = time.monotonic()
         voices = self.voices.complete(job)
         engine = self.scheduler.engine
-        plan = engine.prepare(to_generation_request(voices.job, engine.max_delay, job_id))
+        plan = engine.prepare(to_generation_request(voices.job, engine.max_delay, job_id), self.encode_audio)
         if job.prefix is None:
             return PreparedJob(voices.job, plan, None, None)
         return PreparedJob(voices.job, plan, (time.monotonic() - started) * 1000, voices.cached)

@@ -162,7 +162,6 @@ class WorkerService:
         from .scheduler import RunMode, Scheduler
 
         voices = VoiceCache(settings.voice_cache_entries)
-        engine.encode_audio = voices.encoder(engine.encode_audio)  # a voice seen before is not encoded again
         transcriber = WhisperTranscriber(settings.asr_model_dir, settings.device)
         if settings.asr_preload:
             with PHASES.phase("speech recognition model"):

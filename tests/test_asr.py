@@ -53,6 +53,40 @@ class FixedWords:
         return self.words
 
 
+def test_a_repeated_voice_is_neither_transcribed_nor_encoded_again(engine, prefix_wav: bytes, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the job runner: the second job with the same recording takes its words and Mimi codes from the
+    voice cache."""
+    import asyncio
+
+    from dia2_worker.runner import JobRunner, RunnerSettings
+    from dia2_worker.scheduler import Scheduler
+    from dia2_worker.storage import LocalStorage, StorageSettings
+
+    encodes = []
+    real_encode = engine.encode_audio
+    monkeypatch.setattr(engine, "encode_audio",
+                        lambda samples, rate: encodes.append(rate) or real_encode(samples, rate))
+    transcriber = FixedWords((("hello", 0.1, 0.4),))
+    scheduler = Scheduler(engine, 1, engine.buffer_length(prefix_frames=200), decode_audio=True)  # the prefix fits
+    try:
+        runner = JobRunner(scheduler, LocalStorage(StorageSettings(output_dir=tmp_path)), WorkerLimits(),
+                           RunnerSettings(), VoicePrefixes(VoiceCache(4), transcriber))
+        job = {"text": "[S1] Hi.", "seed": 1, "max_duration_s": 1,
+               "prefix": {"speaker_1": {"audio_base64": b64(prefix_wav)}}}
+
+        async def result(job_id: str) -> dict:
+            return [item async for item in runner.run(job_id, job)][-1]
+
+        first, second = asyncio.run(result("job-1")), asyncio.run(result("job-2"))
+    finally:
+        scheduler.close()
+    assert "error" not in first, first
+    assert first["metrics"]["prefix_cached"] is False and second["metrics"]["prefix_cached"] is True
+    assert len(transcriber.calls) == 1 and len(encodes) == 1
+    assert first["prefix_words"] == second["prefix_words"] == {"speaker_1": [["hello", 0.1, 0.4]]}
+
+
 def test_the_tiny_model_hears_words_in_sound_and_none_in_silence(asr_dir: Path, prefix_wav: bytes) -> None:
     transcriber = WhisperTranscriber(asr_dir)
     samples, rate = sf.read(io.BytesIO(prefix_wav), dtype="float32", always_2d=True)
