@@ -41,10 +41,10 @@ WORKDIR /build
 # the bake is byte-identical (fixed modes and mtimes), so the runtime's weights layer keeps its digest.
 COPY bake_weights.py ./
 COPY dia2_worker/__init__.py dia2_worker/audio.py dia2_worker/batch.py dia2_worker/checkpoint.py \
-     dia2_worker/config.py dia2_worker/engine.py dia2_worker/env.py dia2_worker/generation.py \
-     dia2_worker/graphs.py dia2_worker/model.py dia2_worker/output.py dia2_worker/params.py \
-     dia2_worker/random_asr.py dia2_worker/random_model.py dia2_worker/sampling.py dia2_worker/shapes.py \
-     dia2_worker/text.py dia2_worker/timing.py ./dia2_worker/
+     dia2_worker/config.py dia2_worker/encoders.py dia2_worker/engine.py dia2_worker/env.py \
+     dia2_worker/generation.py dia2_worker/graphs.py dia2_worker/model.py dia2_worker/output.py \
+     dia2_worker/params.py dia2_worker/random_asr.py dia2_worker/random_model.py dia2_worker/sampling.py \
+     dia2_worker/shapes.py dia2_worker/text.py dia2_worker/timing.py ./dia2_worker/
 COPY dia2_worker/mimi/__init__.py dia2_worker/mimi/codec.py dia2_worker/mimi/config.py \
      dia2_worker/mimi/conv.py dia2_worker/mimi/quantizer.py dia2_worker/mimi/rows.py \
      dia2_worker/mimi/streaming.py dia2_worker/mimi/transformer.py dia2_worker/mimi/weights.py ./dia2_worker/mimi/

@@ -87,17 +87,8 @@ def pcm16_bytes(wave: np.ndarray | torch.Tensor) -> bytes:
     return pcm16(wave).astype("<i2").tobytes()
 
 
-def wav_bytes(pcm_s16le: bytes, sample_rate: int) -> bytes:
-    """Mono pcm_s16le bytes -> a complete 16-bit PCM WAV file holding exactly those samples."""
-    import soundfile as sf
-
-    if len(pcm_s16le) % 2:
-        raise ValueError("pcm_s16le must hold whole 16-bit samples")
-    buffer = io.BytesIO()
-    sf.write(buffer, np.frombuffer(pcm_s16le, dtype="<i2"), sample_rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 def write_wav(path: str | Path, wave: np.ndarray | torch.Tensor, sample_rate: int) -> None:
     """Mono float samples [N] -> a 16-bit PCM WAV file (the `pcm16` rule)."""
-    Path(path).write_bytes(wav_bytes(pcm16_bytes(wave), sample_rate))
+    from .encoders import encode_file
+
+    Path(path).write_bytes(encode_file("wav", pcm16_bytes(wave), sample_rate))

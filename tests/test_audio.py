@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 
 from dia2_worker import audio
+from dia2_worker.encoders import encode_file
 
 
 def reference_linear_resample(x: np.ndarray, size: int) -> np.ndarray:
@@ -91,15 +92,15 @@ def test_wav_round_trip(tmp_path: Path) -> None:
     assert rate_b == 24_000 and np.array_equal(from_bytes, samples)
 
 
-def test_wav_bytes_from_streamed_chunks() -> None:
+def test_a_wav_file_from_streamed_chunks() -> None:
     """The worker's streamed pcm_s16le chunks, joined, make a WAV with exactly those samples."""
     wave = np.random.default_rng(2).uniform(-1.0, 1.0, 4_000).astype(np.float32)
     pcm = b"".join(audio.pcm16_bytes(wave[i: i + 1920]) for i in range(0, 4_000, 1920))
-    samples, rate = sf.read(io.BytesIO(audio.wav_bytes(pcm, 16_000)), dtype="int16")
+    samples, rate = sf.read(io.BytesIO(encode_file("wav", pcm, 16_000)), dtype="int16")
     assert rate == 16_000 and np.array_equal(samples, reference_pcm16(wave))
-    assert sf.read(io.BytesIO(audio.wav_bytes(b"", 24_000)))[0].shape == (0,)
+    assert sf.read(io.BytesIO(encode_file("wav", b"", 24_000)))[0].shape == (0,)
     with pytest.raises(ValueError, match="whole 16-bit samples"):
-        audio.wav_bytes(b"\x00\x01\x02", 24_000)
+        encode_file("wav", b"\x00\x01\x02", 24_000)
 
 
 def test_read_audio_keeps_channels(tmp_path: Path) -> None:
