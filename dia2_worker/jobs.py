@@ -264,6 +264,12 @@ def _object(value: object, path: str, allowed: frozenset[str]) -> _Object:
     return found
 
 
+def check_fields(value: dict, allowed: frozenset[str]) -> None:
+    """A JobInputError naming the first field of `value` outside `allowed` (names escaped, the list capped), as a
+    job's own fields get; for request bodies that become jobs (the speech API)."""
+    _object(value, "", allowed)
+
+
 def _show_name(key: object) -> str:
     """A field name as sent, shown as is when it is plain, else as a short JSON string (escaped)."""
     name = str(key)

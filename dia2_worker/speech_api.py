@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from .encoders import FORMATS, StreamEncoder
 from .env import Range, WorkerConfigError, env_number, env_text
-from .jobs import FRAME_MS, JobInputError, WorkerLimits, parse_job
+from .jobs import FRAME_MS, JobInputError, WorkerLimits, check_fields, parse_job
 
 if TYPE_CHECKING:  # the runner imports torch: imported at the first request, so the server listens before that
     from .runner import ScheduledGeneration
@@ -203,10 +203,10 @@ class SpeechApi:
         """OpenAI's fields -> a queue job's input; Dia2's own fields pass through to the job's validation."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        unknown = sorted(str(key) for key in body if key not in SPEECH_FIELDS + DIA2_FIELDS)
-        if unknown:
-            raise _invalid(unknown[0], f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                                       f"(allowed here: {', '.join(sorted(SPEECH_FIELDS + DIA2_FIELDS))})")
+        try:
+            check_fields(body, frozenset(SPEECH_FIELDS + DIA2_FIELDS))
+        except JobInputError as exc:
+            raise _invalid(exc.field, str(exc).removeprefix(f"{exc.field}: ")) from None
         models = dict.fromkeys([MODEL_ALIAS, self.state.model_id])
         if not _is_one_of(body.get("model"), models):
             raise _invalid("model", f"must be {' or '.join(json.dumps(m) for m in models)}, "

@@ -246,6 +246,7 @@ BAD_FIELDS = [
     ({"max_duration_s": 500}, "max_duration_s", "at most"),
     ({"prefix": {"speaker_1": {"words": []}}}, "prefix.speaker_1", "audio_base64 or audio_url"),
     ({"chunk_ms": 80}, "chunk_ms", "unknown field chunk_ms"),
+    ({"x\nERROR | forged": 1}, '"x\\nERROR | forged"', 'unknown field "x\\nERROR | forged"'),  # escaped
     ({"voice": "narrator", "prefix": {}}, "voice", "not both"),
 ]
 
