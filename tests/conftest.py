@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
+from s3_server import FaultProxy, MotoServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "dia2-tiny"
@@ -49,6 +50,20 @@ def asr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("asr") / "asr"
     write_random_asr(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    """A real S3-compatible server (moto's standalone server) on loopback, one per test module."""
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[FaultProxy]:
+    """A proxy in front of `moto` that tests can make fail, stall or corrupt requests."""
+    with FaultProxy(moto.endpoint_url) as fault_proxy:
+        yield fault_proxy
 
 
 @pytest.fixture(autouse=True)

@@ -33,18 +33,6 @@ DEFAULT_POOL = min(32, (os.cpu_count() or 1) + 4)
 """asyncio's default executor size: the pool everything shared before it got pools of its own."""
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as server:
-        yield server
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[FaultProxy]:
-    with FaultProxy(moto.endpoint_url) as fault_proxy:
-        yield fault_proxy
-
-
 @pytest.fixture
 def s3(moto: MotoServer, proxy: FaultProxy):
     bucket = moto.create_bucket()

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,6 @@ HANDLER = ROOT / "handler.py"
 TEST_INPUT = json.loads((ROOT / "test_input.json").read_text())["input"]
 READY_TIMEOUT = 60.0
 JOB_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
-    with MotoServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
