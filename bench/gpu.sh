@@ -38,7 +38,7 @@ stage() {
 stage device 20 $PY -c "import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda,
   'device': torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}))"
 stage kernels 60 $PY -m dia2_worker.bench --kernels --shape $SHAPE --batch $BATCHES \
-  --device $DEVICE --json "$OUT/kernels-$SHAPE.json"
+  --no-compile --device $DEVICE --json "$OUT/kernels-$SHAPE.json"
 stage speed $((SCALE ? 90 : 60)) $PY -m dia2_worker.bench --shape $SHAPE --device $DEVICE \
   --modes $([ $SCALE = 1 ] && echo graph || echo eager-fp32) --frames $FRAMES --json "$OUT/bench-$SHAPE.json"
 stage original $((SCALE ? 120 : 60)) $PY -m dia2_worker.bench --shape $SHAPE --device $DEVICE --modes original \

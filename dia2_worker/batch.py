@@ -137,16 +137,18 @@ def frame_executor(frame: Callable[[int, int], torch.Tensor], mode: RunMode, slo
     return EagerFrames(frame, batch_sizes, kv_sizes)
 
 
-def compiled(frame: Callable[[int, int], torch.Tensor], shapes: int) -> Callable[[int, int], torch.Tensor]:
-    """`frame` with the step's many small kernels fused by torch.compile, one compilation per shape. The
-    recompile limit is raised for these calls only, not for the process."""
+def compiled(call: Callable[..., torch.Tensor], shapes: int) -> Callable[..., torch.Tensor]:
+    """`call` with its many small kernels fused by torch.compile into one graph. The first batch size gets a
+    graph of its own, the second a graph with a symbolic batch that then serves every other size, so a bake
+    that runs batches 1 and 2 compiles all the serving path needs. The recompile limit is raised for these
+    calls only, not for the process."""
     import torch._dynamo.config
 
-    fused = torch.compile(frame, dynamic=False, fullgraph=True, mode="max-autotune-no-cudagraphs")
+    fused = torch.compile(call, fullgraph=True)
 
-    def run(count: int, kv_len: int) -> torch.Tensor:
+    def run(*args: Any) -> torch.Tensor:
         with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, shapes)):
-            return fused(count, kv_len)
+            return fused(*args)
 
     return run
 
@@ -208,22 +210,23 @@ class PendingAudio:
 class SlotDecoder:
     """One streaming Mimi decoder with a row per slot. A call decodes frames for the rows that have some
     while the other rows keep their state untouched, so every slot shares the same call (on a GPU, one frame
-    per row is the captured graph; a backlog, like a kept voice prefix, goes in chunks). Codes go in and PCM
-    comes out without the host waiting on the device."""
+    per row is the captured graph, compiled first with `compile`; a backlog, like a kept voice prefix, goes in
+    chunks). Codes go in and PCM comes out without the host waiting on the device."""
 
-    def __init__(self, engine: FrameEngine, slots: int, graphs: bool) -> None:
+    def __init__(self, engine: FrameEngine, slots: int, graphs: bool, compile: bool = False) -> None:
         codec = engine.codec
         self.frame_size = codec.frame_size
         self.decoder = codec.streaming_decoder(slots)
         self.codes = torch.zeros(slots, engine.config.num_codebooks, 1, dtype=torch.long, device=codec.device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=codec.device)
-        self._one_frame = self._call
+        one_frame = self._one_frame = compiled(self._call, 1) if compile else self._call
         if graphs:  # warm-up and capture run with no row active, so they change no state
-            replay, output = capture(lambda: self._call(self.codes, self.active))
+            replay, output = capture(lambda: one_frame(self.codes, self.active))
             self._one_frame = lambda codes, active: (replay(), output)[1]
 
     def _call(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return self.decoder.step(codes, active).flatten(1).float()
+        with torch.inference_mode():
+            return self.decoder.decode_step(codes, active).flatten(1).float()
 
     def reset(self, row: int) -> None:
         self.decoder.reset([row])
@@ -350,7 +353,7 @@ class BatchRunner:
         self.engine = engine
         self.state = engine.new_state(slots, length, max_entries, max_tokens)
         self.table = SlotTable(slots)
-        self.decoder = SlotDecoder(engine, slots, mode.graphs) if decode_audio else None
+        self.decoder = SlotDecoder(engine, slots, mode.graphs, mode.compile) if decode_audio else None
         self.pipeline = FramePipeline(self.table, self.decoder, mode.lag, engine.config.num_codebooks)
         self.executor = frame_executor(self._frame, mode, slots, length)
 

@@ -1,7 +1,8 @@
 """Dia2 generation speed per execution mode, side by side, on random weights of the published shapes.
 
   python -m dia2_worker.bench [--shape tiny|1b|2b] [--frames N] [--modes eager-fp32,eager-bf16,graph,...]
-                              [--concurrency 1,2,4,...] [--kernels [--batch 1,64]] [--original-src DIR]
+                              [--concurrency 1,2,4,...] [--kernels [--batch 1,64] [--no-compile]]
+                              [--original-src DIR]
                               [--device cpu|cuda] [--seed S] [--threads T] [--json OUT]
 
 Every speed-up is a ratio measured in one run, so each mode is one switch away from the next: `eager-fp32`
@@ -16,7 +17,7 @@ seeded sampling repeating exactly. `original` runs the original nari-labs runtim
 frame, kernels per frame and whether the tokens match. `--concurrency` instead runs one mode at each
 batch size: the same timings, audio seconds per wall second, whether the batch keeps real time, and the
 time to first audio of a job joining the loaded batch. `--kernels` counts the kernels of a serving frame
-(see dia2_worker.kernels) at each `--batch` size.
+(see dia2_worker.kernels) at each `--batch` size, as written and compiled.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .graphs import capture, cover, kv_buckets
 from .mimi.bench import machine
 from .mimi.streaming import StreamingDecoder
 from .random_model import DEMO_CONFIG, DEMO_MIMI_CONFIG, random_engine
-from .batch import BatchRunner, Emitted, RunMode, Slot
+from .batch import BatchRunner, Emitted, RunMode, Slot, compiled
 from .shapes import parameter_count, published_config
 
 SHAPES = ("tiny", "1b", "2b")
@@ -488,9 +489,10 @@ KERNEL_STATE_FRAMES = 64
 cache keeps batch 64 of the 2B shape within a CPU host's memory."""
 
 
-def frame_call(engine: Dia2Engine, batch: int, seed: int) -> Callable[[], object]:
+def frame_call(engine: Dia2Engine, batch: int, seed: int, compile: bool = False) -> Callable[[], object]:
     """One serving frame for `batch` generations (default sampling settings, CFG on): the step of every row,
-    then one streaming Mimi decode call for all of them."""
+    then one streaming Mimi decode call for all of them; with `compile`, each of the two compiled as the
+    serving path's `compile` mode compiles them."""
     base = engine.prepare(GenerationRequest(SCRIPT, GenerationParams(seed=seed)))
     state = engine.new_state(batch, KERNEL_STATE_FRAMES, *base.text.capacity)
     for row in range(batch):
@@ -499,47 +501,61 @@ def frame_call(engine: Dia2Engine, batch: int, seed: int) -> Callable[[], object
     codec = engine.codec
     decoder = codec.streaming_decoder(batch)
     active = torch.ones(batch, dtype=torch.bool, device=engine.device)
+    step, decode = engine.step, decoder.decode_step
+    if compile:
+        step, decode = compiled(step, 1), compiled(decode, 1)
 
     def frame() -> torch.Tensor:
         with torch.inference_mode():
-            out = engine.step(state, kv_len=state.length)
+            out = step(state, state.length)
             codes = out.frame_tokens.clamp(max=codec.codebook_size - 1).unsqueeze(-1)
-            return decoder.step(codes, active).flatten(1).float()
+            return decode(codes, active).flatten(1).float()
 
     return frame
 
 
-def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int, gpu_path: bool = True) -> dict[str, Any]:
+def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int, gpu_path: bool = True,
+                 compile: bool = False) -> dict[str, Any]:
     """Kernels per serving frame by region (see dia2_worker.kernels for how they are counted), on the GPU's code
-    path (`gpu_path`; else the device's own)."""
+    path (`gpu_path`; else the device's own), compiled as the serving path's `compile` mode does (`compile`)."""
+    import torch._inductor.config
+
     from . import kernels
 
-    with kernels.gpu_code_path(engine.model) if gpu_path else contextlib.nullcontext():
-        frame = frame_call(engine, batch, seed)
-        for _ in range(KERNEL_FRAMES):
+    with contextlib.ExitStack() as stack:
+        if gpu_path:
+            stack.enter_context(kernels.gpu_code_path(engine.model))
+        if compile:  # each generated C++ kernel reports itself to the profiler (part of the compile cache's key)
+            stack.enter_context(torch._inductor.config.patch({"cpp.enable_kernel_profile": True}))
+        frame = frame_call(engine, batch, seed, compile)
+        for _ in range(KERNEL_FRAMES):  # compiles, when compiling
             frame()
-        graph_total = replay_ms = None
-        if engine.device.type == "cuda":
-            counts: dict[str, int] = {}
+        graph_total = replay_ms = host_syncs = None
+        counts: dict[str, float] = {}
+        if engine.device.type == "cuda" or compile:
             for _ in range(KERNEL_FRAMES):
-                for region, count in kernels.count_cuda_kernels(frame).items():
+                for region, count in kernels.count_profiled_kernels(
+                        frame, engine.device, outside="step" if compile else kernels.OTHER).items():
                     counts[region] = counts.get(region, 0) + count
-            replay, _ = capture(frame)
-            graph_total = kernels.count_graph_kernels(replay)
-            clock = Clock(engine.device)
-            replay_ms = statistics.median(clock.each(replay, GRAPH_REPLAYS))
-            host_syncs = None
         else:
             with kernels.count_operators() as counter:
                 for _ in range(KERNEL_FRAMES):
                     frame()
             counts, host_syncs = dict(counter.counts), dict(counter.host_syncs)
-    by_region = {region: counts.get(region, 0) / KERNEL_FRAMES for region in kernels.REGIONS}
+        if engine.device.type == "cuda":
+            replay, _ = capture(frame)
+            graph_total = kernels.count_graph_kernels(replay)
+            clock = Clock(engine.device)
+            replay_ms = statistics.median(clock.each(replay, GRAPH_REPLAYS))
+    regions = ("step", "codec decode") if compile else kernels.REGIONS
+    by_region = {region: counts.get(region, 0) / KERNEL_FRAMES for region in regions}
     eager_total = sum(by_region.values())
     return {
         "device": device_name(engine.device), "shape": shape, "batch": batch,
         "dtype": str(engine.dtype).removeprefix("torch."),
-        "counted": "CUDA kernels (profiler)" if engine.device.type == "cuda" else "leaf operators",
+        "counted": ("CUDA kernels (profiler)" if engine.device.type == "cuda"
+                    else "compiled kernels and operators (profiler)" if compile else "leaf operators"),
+        "compiled": compile,
         "batch_invariant": False if gpu_path else engine.batch_invariant,
         "kernels_per_frame": graph_total if graph_total is not None else eager_total,
         "kernels_by_region": by_region,
@@ -552,12 +568,15 @@ def kernel_entry(engine: Dia2Engine, shape: str, batch: int, seed: int, gpu_path
     }
 
 
-def run_kernels(shape: str, device: str | torch.device, batches: list[int], seed: int = 0) -> dict[str, Any]:
-    """Kernels per frame of the serving path (bf16, the GPU code path) at each batch size, as a report."""
+def run_kernels(shape: str, device: str | torch.device, batches: list[int], seed: int = 0,
+                compile: bool = True) -> dict[str, Any]:
+    """Kernels per frame of the serving path (bf16, the GPU code path) at each batch size, as a report: the
+    code as written (its split by region) and, with `compile`, compiled as the `compile` mode serves it."""
     target = torch.device(device)
     started = time.perf_counter()
     engine = build_engine(shape, target, torch.bfloat16, seed)
-    results = [kernel_entry(engine, shape, batch, seed) for batch in progress_over(batches, "batch")]
+    results = [kernel_entry(engine, shape, batch, seed, compile=fused)
+               for batch in progress_over(batches, "batch") for fused in ((False, True) if compile else (False,))]
     return {
         "benchmark": "dia2 kernels per frame",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -571,16 +590,11 @@ def run_kernels(shape: str, device: str | torch.device, batches: list[int], seed
 
 
 def kernel_table(report: dict[str, Any]) -> str:
-    from .kernels import REGIONS
-
-    head = ("batch", "kernels/frame", *REGIONS)
-    lines = [f"{report['shape']} on {report['results'][0]['device']}, bf16, "
-             f"{report['results'][0]['counted']} per frame",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"{report['shape']} on {report['results'][0]['device']}, bf16, kernels per frame"]
     for r in report["results"]:
-        row = (str(r["batch"]), f"{r['kernels_per_frame']:.0f}",
-               *(f"{r['kernels_by_region'][region]:.0f}" for region in REGIONS))
-        lines.append("| " + " | ".join(row) + " |")
+        split = ", ".join(f"{region} {count:.0f}" for region, count in r["kernels_by_region"].items())
+        lines.append(f"batch {r['batch']}, {'compiled' if r['compiled'] else 'as written'} ({r['counted']}): "
+                     f"{r['kernels_per_frame']:.0f} ({split})")
     return "\n".join(lines)
 
 
@@ -711,7 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "on CUDA, eager-fp32 on CPU; with --concurrency: graph on CUDA, eager-fp32 on CPU)")
     parser.add_argument("--concurrency", type=_sizes, help="batch sizes to sweep, e.g. 1,2,4,8")
     parser.add_argument("--kernels", action="store_true",
-                        help="count the kernels of a serving frame by region instead (bf16, the GPU code path)")
+                        help="count the kernels of a serving frame by region instead (bf16, the GPU code path), "
+                             "as written and compiled")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="with --kernels: only the code as written (compiling a 2b frame takes minutes)")
     parser.add_argument("--batch", type=_sizes, default=[1], help="with --kernels: batch sizes, e.g. 1,64")
     parser.add_argument("--original-src", type=Path,
                         default=Path(os.environ.get("DIA2_ORIGINAL_SRC", DEFAULT_ORIGINAL_SRC)),
@@ -742,7 +759,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.kernels:
-        report = run_kernels(shape, device, args.batch, args.seed)
+        report = run_kernels(shape, device, args.batch, args.seed, args.compile)
         print(kernel_table(report))
     else:
         report = run(shape, device, args.modes, args.frames, args.seed, args.concurrency, args.original_src,

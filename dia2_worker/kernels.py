@@ -1,19 +1,21 @@
 """Kernels per frame of the serving path, split by region: what a CUDA graph of the frame replays.
 
 A graph replays every kernel of a frame back to back at about 1.5-3 us each, so the count is the floor of
-a frame's time at small batch. Two ways to count, one per device:
+a frame's time at small batch. How they are counted:
 
-- CUDA: the kernels the profiler records while a frame runs, each charged to the region of the operator
-  that launched it.
-- CPU: the leaf operators the frame dispatches, a stand-in for the kernels the same code launches on CUDA:
-  views and allocations without a kernel do not count; `scaled_dot_product_attention` and `rms_norm`
-  count as one (one fused kernel on CUDA, several operators on the CPU); a compiled kernel would count
-  as one.
+- CUDA: the kernels the profiler records while a frame runs, each charged to the region function that
+  launched it.
+- CPU, eager code: the leaf operators the frame dispatches, a stand-in for the kernels the same code
+  launches on CUDA: views and allocations without a kernel do not count; `scaled_dot_product_attention` and
+  `rms_norm` count as one (one fused kernel on CUDA, several operators on the CPU).
+- CPU, compiled code (torch.compile, the serving path's `compile` mode): each kernel Inductor generated counts
+  as one, and so does each operator the compiled code calls (matrix products, attention, sorts).
 
 Regions: `backbone` and `depformer` (the two transformers), `text machine` (the on-device text state
 machine), `sampling` (CFG, sampling and the rest of the step's bookkeeping) and `codec decode` (one
 streaming Mimi decode call for the frame). An operator belongs to the innermost of these functions on the
-Python stack when it is dispatched.
+Python stack when it is dispatched. A compiled step is one graph whose kernels fuse work of several regions,
+so it is counted as one region, `step`.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def region_codes() -> dict[CodeType, str]:
     from .model import Backbone, Depformer
 
     functions = {Backbone.forward: "backbone", Depformer.forward: "depformer", text.text_step: "text machine",
-                 StreamingDecoder.step: "codec decode"}
+                 StreamingDecoder.decode_step: "codec decode"}
     return {inspect.unwrap(function).__code__: region for function, region in functions.items()}
 
 
@@ -108,34 +110,88 @@ def count_operators() -> Iterator[OperatorCounter]:
         yield counter
 
 
+@contextlib.contextmanager
+def region_ranges() -> Iterator[None]:
+    """A profiler range `region::<name>` around every call of a region's function made inside, compiled or
+    not: Dynamo runs a rewritten copy of a compiled function's code, found by its file, line and name."""
+    from torch.profiler import record_function
+
+    keys = {(code.co_filename, code.co_firstlineno, code.co_name): region for code, region in region_codes().items()}
+    opened: list[tuple[object, record_function]] = []
+
+    def hook(frame, event, arg) -> None:
+        if event == "call":
+            code = frame.f_code
+            region = keys.get((code.co_filename, code.co_firstlineno, code.co_name))
+            if region is not None:
+                opened.append((frame, record_function(f"region::{region}").__enter__()))
+        elif event == "return" and opened and opened[-1][0] is frame:
+            opened.pop()[1].__exit__(None, None, None)
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+        while opened:
+            opened.pop()[1].__exit__(None, None, None)
+
+
+def count_profiled_kernels(call: Callable[[], object], device: torch.device, outside: str = OTHER) -> Counter[str]:
+    """Kernels `call` runs by region, from the profiler, for frames whose code runs compiled (or eagerly on
+    CUDA). CUDA: the device kernels. CPU: each C++ kernel Inductor generated (compiled with
+    `cpp.enable_kernel_profile`, so each reports itself) and each operator called from outside any operator
+    (by compiled code's wrapper or by eager code) that does work. A kernel belongs to the innermost region
+    function on the Python stack when it is launched, else to `outside`: kernels compiled from several
+    regions' code into one graph run outside all of them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        with region_ranges():
+            call()
+        if cuda:
+            torch.cuda.synchronize()
+    counts: Counter[str] = Counter()
+
+    def walk(event, region: str, in_operator: bool) -> None:
+        name = event.name
+        if name.startswith("region::"):
+            region = name.removeprefix("region::")
+        counted = False
+        if cuda:
+            counts[region] += sum(1 for kernel in event.kernels if _is_kernel(kernel.name))
+        elif "cpp_fused" in name or (name.startswith("aten::") and not in_operator and _does_work(name)):
+            counts[region] += 1
+            counted = True
+        for child in event.cpu_children:  # what a counted operator calls is part of its kernel
+            walk(child, region, in_operator or counted)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            walk(event, outside, False)
+    return counts
+
+
+def _does_work(name: str) -> bool:
+    """Whether operator `aten::name` computes something, rather than making a view or an empty tensor."""
+    op = name.removeprefix("aten::")
+    if op in _NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, op, None)
+    if packet is None:
+        return True
+    return not any(getattr(packet, overload).is_view for overload in packet.overloads())
+
+
 def count_cuda_kernels(call: Callable[[], object]) -> Counter[str]:
     """Kernels `call` launches on CUDA by region: the profiler's device kernels, each charged to the region
-    of the operator that launched it (marked by a profiler range per dispatched operator)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    codes = region_codes()
-
-    class Marker(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            with record_function(f"region::{current_region(codes)}"):
-                return func(*args, **(kwargs or {}))
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with Marker():
-            call()
-        torch.cuda.synchronize()
-    counts: Counter[str] = Counter()
-    for event in prof.events():
-        if not event.name.startswith("region::"):
-            continue
-        region = event.name.removeprefix("region::")
-        pending = [event]
-        while pending:  # the range's operators and everything they call
-            node = pending.pop()
-            counts[region] += sum(1 for kernel in node.kernels if _is_kernel(kernel.name))
-            pending.extend(node.cpu_children)
-    return counts
+    function that launched it."""
+    return count_profiled_kernels(call, torch.device("cuda"))
 
 
 def count_graph_kernels(replay: Callable[[], None]) -> int:

@@ -45,7 +45,7 @@ def sweep_report(tmp_path_factory, one_thread) -> dict:
 
 @pytest.fixture(scope="module")
 def kernels_report(tmp_path_factory, one_thread) -> dict:
-    return run_bench(tmp_path_factory.mktemp("kernels"), "--kernels", "--batch", "1,64", *one_thread)
+    return run_bench(tmp_path_factory.mktemp("kernels"), "--kernels", "--no-compile", "--batch", "1,64", *one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,32 @@ def test_the_operator_counter_counts_leaf_kernels_only():
         float(z.sum())  # a kernel and a host sync
     assert sum(counter.counts.values()) == 5 and dict(counter.host_syncs) == {"_local_scalar_dense": 1}
     assert set(counter.counts) == {"sampling"} and y.shape == (2,)
+
+
+def test_the_profiled_counter_counts_compiled_kernels_by_region():
+    """Compiled code on the CPU: each generated kernel and each operator the compiled code calls is one kernel,
+    charged to the region function running it (found in Dynamo's rewritten copy of its code too)."""
+    import torch._inductor.config
+    import torch.nn.functional as F
+
+    from dia2_worker.kernels import count_profiled_kernels
+    from dia2_worker.mimi.streaming import StreamingDecoder
+
+    weight = torch.randn(8, 8)
+
+    def as_decode_step(self, codes, active=None):  # a region's code: StreamingDecoder.decode_step's
+        return (F.linear(codes, weight).relu() * 2 + 1).sum(-1)  # a matrix product, then one fused kernel
+
+    region_code = StreamingDecoder.decode_step.__code__
+    as_decode_step.__code__ = as_decode_step.__code__.replace(
+        co_filename=region_code.co_filename, co_firstlineno=region_code.co_firstlineno, co_name=region_code.co_name)
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        fused = torch.compile(as_decode_step, fullgraph=True)
+        x = torch.randn(4, 8)
+        fused(None, x)
+        counts = count_profiled_kernels(lambda: (fused(None, x), x.view(2, 16).t().clone()), torch.device("cpu"),
+                                        outside="step")
+    assert dict(counts) == {"codec decode": 2, "step": 1}  # mm + the fused tail; the clone (the view is free)
 
 
 def test_nothing_is_written_without_json(tmp_path, monkeypatch, one_thread):

@@ -82,6 +82,11 @@ class StreamingDecoder:
     def step(self, codes: Tensor, active: Tensor | None = None) -> Tensor:
         """Unchecked `decode` for graph capture: valid long codes [B, K, n >= 1] and, unless None, a bool mask
         `active` [B], both already on the device."""
+        return self.decode_step(codes, active)
+
+    def decode_step(self, codes: Tensor, active: Tensor | None = None) -> Tensor:
+        """`step` for a caller already in inference mode, such as code torch.compile fuses (it cannot enter
+        inference mode inside a graph that updates the state)."""
         return self.codec.decode_step(codes, self.state, active)
 
     @torch.inference_mode()
