@@ -221,12 +221,16 @@ class SlotDecoder:
         self.active = torch.zeros(slots, dtype=torch.bool, device=codec.device)
         one_frame = self._one_frame = compiled(self._call, 1) if compile else self._call
         if graphs:  # warm-up and capture run with no row active, so they change no state
-            replay, output = capture(lambda: one_frame(self.codes, self.active))
+            def decode() -> torch.Tensor:
+                with torch.inference_mode():
+                    return one_frame(self.codes, self.active)
+
+            replay, output = capture(decode)
             self._one_frame = lambda codes, active: (replay(), output)[1]
 
     def _call(self, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.decoder.decode_step(codes, active).flatten(1).float()
+        """Callers are in inference mode: compiled code cannot enter it around the decoder's state updates."""
+        return self.decoder.decode_step(codes, active).flatten(1).float()
 
     def reset(self, row: int) -> None:
         self.decoder.reset([row])

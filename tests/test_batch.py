@@ -9,7 +9,7 @@ import logging
 import torch
 
 from dia2_worker import graphs
-from dia2_worker.batch import BatchRunner, RunMode
+from dia2_worker.batch import BatchRunner, Emitted, RunMode
 from dia2_worker.engine import GenerationParams, GenerationRequest
 from dia2_worker.output import NOT_SET, PACKED, RowOutput, StepOutput
 
@@ -77,3 +77,25 @@ def test_graphs_are_captured_on_first_use_and_give_the_tokens_of_jobs_run_alone(
     assert len([r for r in caplog.records if "captured the frame graph" in r.getMessage()]) == 3
     for plan, tokens in zip(plans, frames.values()):
         assert torch.equal(torch.stack(tokens, dim=1), engine.generate(plan).tokens)
+
+
+def test_compiled_frames_give_the_tokens_and_audio_of_eager_ones(engine):
+    """The `compile` mode (the step and the codec's one-frame decode fused by torch.compile) is a switch around
+    the same code: a greedy job's tokens are those of the eager runner, its audio the same to float32 rounding."""
+    plan = engine.prepare(GenerationRequest("[S1] hello world this is a test",
+                                            GenerationParams(seed=5, text_temperature=0.0, audio_temperature=0.0)))
+
+    def run(mode: RunMode) -> tuple[torch.Tensor, torch.Tensor]:
+        runner = BatchRunner(engine, 1, plan.buffer_length, decode_audio=True, mode=mode)
+        slot, emitted = runner.join(plan)
+        frames = list(emitted.frames)
+        while not emitted.finished:
+            emitted = runner.step().get(slot, Emitted())
+            frames += emitted.frames
+        assert all(f.pcm is not None for f in frames)
+        return torch.stack([f.tokens for f in frames], dim=1), torch.cat([torch.as_tensor(f.pcm) for f in frames])
+
+    eager_tokens, eager_pcm = run(RunMode())
+    tokens, pcm = run(RunMode(compile=True))
+    assert torch.equal(tokens, eager_tokens) and torch.equal(tokens, engine.generate(plan).tokens)
+    assert pcm.shape == eager_pcm.shape and torch.allclose(pcm, eager_pcm, atol=1e-4)
