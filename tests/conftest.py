@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from s3_server import FaultProxy, MotoServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "dia2-tiny"
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="torch.compile's CPU code needs a C++ compiler: install g++ "
+                                           "(.ci/run does)")
 
 
 @pytest.fixture(scope="session")

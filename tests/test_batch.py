@@ -13,6 +13,8 @@ from dia2_worker.batch import BatchRunner, Emitted, RunMode
 from dia2_worker.engine import GenerationParams, GenerationRequest
 from dia2_worker.output import NOT_SET, PACKED, RowOutput, StepOutput
 
+from conftest import needs_compiler
+
 
 def test_a_packed_step_output_unpacks_to_the_same_named_values():
     out = StepOutput(frame=torch.tensor([7, 9]), frame_index=torch.tensor([-1, 3]),
@@ -79,6 +81,7 @@ def test_graphs_are_captured_on_first_use_and_give_the_tokens_of_jobs_run_alone(
         assert torch.equal(torch.stack(tokens, dim=1), engine.generate(plan).tokens)
 
 
+@needs_compiler
 def test_compiled_frames_give_the_tokens_and_audio_of_eager_ones(engine):
     """The `compile` mode (the step and the codec's one-frame decode fused by torch.compile) is a switch around
     the same code: a greedy job's tokens are those of the eager runner, its audio the same to float32 rounding."""

@@ -13,6 +13,8 @@ import torch
 from dia2_worker import bench
 from dia2_worker.engine import GenerationRequest
 
+from conftest import needs_compiler
+
 FRAMES = 8
 NUMBERS = ("ms_per_frame_p50", "ms_per_frame_p90", "ms_per_frame_mean", "codec_ms_per_frame", "rtf", "ttfa_ms",
            "audio_s_per_wall_s")
@@ -117,6 +119,7 @@ def test_the_operator_counter_counts_leaf_kernels_only():
     assert set(counter.counts) == {"sampling"} and y.shape == (2,)
 
 
+@needs_compiler
 def test_the_profiled_counter_counts_compiled_kernels_by_region():
     """Compiled code on the CPU: each generated kernel and each operator the compiled code calls is one kernel,
     charged to the region function running it (found in Dynamo's rewritten copy of its code too)."""
