@@ -281,7 +281,7 @@ class Backbone(nn.Module):
 class StageAttention(nn.Module):
     """Depformer self-attention over this frame's stages; q, k, v and output weights chosen per stage."""
 
-    def __init__(self, cfg: StackConfig, groups: tuple[int, ...], eps: float) -> None:
+    def __init__(self, cfg: StackConfig, groups: tuple[int, ...], eps: float, stages: int) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.gqa_query_heads, cfg.gqa_head_dim
         inner = self.heads * self.head_dim
@@ -289,11 +289,15 @@ class StageAttention(nn.Module):
         self.out_proj = nn.ModuleDict({str(g): Linear(inner, cfg.n_embd) for g in groups})
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
-        self.register_buffer("qk_norm_weight", torch.empty(2, 1, self.head_dim), persistent=False)  # at load
-        self.register_load_state_dict_post_hook(StageAttention._stack_norm_weights)
+        # Derived at load: the norms' weights stacked, and 0, 1, 2, ... to index the cache's layers and stages.
+        self.register_buffer("qk_norm_weight", torch.empty(2, 1, self.head_dim), persistent=False)
+        self.register_buffer("cache_index", torch.empty(max(cfg.n_layer, stages), dtype=torch.long),
+                             persistent=False)
+        self.register_load_state_dict_post_hook(StageAttention._derive_buffers)
 
-    def _stack_norm_weights(self, incompatible_keys) -> None:
+    def _derive_buffers(self, incompatible_keys) -> None:
         self.qk_norm_weight = stacked_norm_weights([(self.q_norm, 1), (self.k_norm, 1)]).unsqueeze(1)
+        self.cache_index = torch.arange(self.cache_index.shape[0], device=self.qk_norm_weight.device)
 
     def forward(self, x: torch.Tensor, stage: int, group: int, rotation: torch.Tensor | None, layer: int,
                 cache: KVCache, residual: torch.Tensor) -> torch.Tensor:
@@ -306,8 +310,12 @@ class StageAttention(nn.Module):
         else:  # the norms' weights and RoPE at this stage, as one matrix each for q and k
             qk = F.rms_norm(qkv[:, :, :2], (D,), None, self.q_norm.eps) @ rotation
         q, k, v = qk[:, :, 0], qk[:, 0, 1], qkv[:, 0, 2]
-        cache.keys[layer, :, :, stage] = k
-        cache.values[layer, :, :, stage] = v
+        # Written through index tensors rather than at a slice, so compiled code writes the cache in place (it
+        # copies the whole cache around a slice assignment that attention then reads).
+        at = self.cache_index
+        slot = (at[layer: layer + 1], slice(None), slice(None), at[stage: stage + 1])
+        cache.keys[slot] = k.unsqueeze(0)
+        cache.values[slot] = v.unsqueeze(0)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), cache.keys[layer, :, :, : stage + 1], cache.values[layer, :, :, : stage + 1],
             scale=1.0,
@@ -316,10 +324,10 @@ class StageAttention(nn.Module):
 
 
 class DepformerLayer(nn.Module):
-    def __init__(self, cfg: StackConfig, groups: tuple[int, ...], eps: float) -> None:
+    def __init__(self, cfg: StackConfig, groups: tuple[int, ...], eps: float, stages: int) -> None:
         super().__init__()
         self.pre_norm = RMSNorm(cfg.n_embd, eps)
-        self.self_attention = StageAttention(cfg, groups, eps)
+        self.self_attention = StageAttention(cfg, groups, eps, stages)
         self.post_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = MLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
 
@@ -342,7 +350,8 @@ class Depformer(nn.Module):
         )
         backbone_width = config.model.decoder.n_embd
         self.depformer_in = nn.ModuleDict({str(g): Linear(backbone_width, cfg.n_embd) for g in groups})
-        self.layers = nn.ModuleList(DepformerLayer(cfg, groups, config.model.norm_eps) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(DepformerLayer(cfg, groups, config.model.norm_eps, stages)
+                                    for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, config.model.norm_eps)
         self.logits = nn.ModuleList(Linear(cfg.n_embd, data.audio_vocab_size) for _ in range(stages))
 
