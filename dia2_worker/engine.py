@@ -235,6 +235,7 @@ class Dia2Engine:
         dec, dep = cfg.model.decoder, cfg.model.depformer
         C, B = cfg.num_codebooks, batch
         long = dict(dtype=torch.long, device=dev)
+        self.rope(length)  # built now, not inside a step torch.compile traces (its guard would then recompile)
         return GenerationState(
             cache=KVCache.allocate(dec.n_layer, 2 * B, dec.kv_heads, length, dec.gqa_head_dim, dev, self.dtype),
             stage_cache=KVCache.allocate(dep.n_layer, 2 * B, dep.kv_heads, max(cfg.num_stages, 1),
