@@ -12,9 +12,14 @@ resolved revisions and file hashes, so a worker start reads tensors as they are 
     python bake_weights.py --demo --out /tmp/dia2-demo                            # no network
     python bake_weights.py --random-shape 2b --out /tmp/dia2-2b-random            # no network
     python bake_weights.py --verify /models/dia2-2b
+    python bake_weights.py --demo --out /tmp/dia2-demo --compile-cache              # + torch.compile's artifacts
 
 The result appears all at once: it is built in a hidden sibling of --out and renamed into place when done,
 so an interrupted bake leaves at most a `.NAME.partial-*` directory beside it, never a half-written --out.
+
+With --compile-cache the worker's start is then run with torch.compile on the bake's device, and the compiled
+artifacts are kept in DIR/compile-cache/<device key>/ (dia2_worker/precompile.py), so a worker started on that
+kind of device compiles nothing. They are device-specific and not byte-identical: the manifest leaves them out.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ STARTED = time.perf_counter()
 FIXED_MTIME = 315_532_800
 """1980-01-01 UTC: every file and directory of a bake gets this mtime (or SOURCE_DATE_EPOCH's), so rebuilding
 the image's weights layer from the same sources gives the same bytes and metadata, hence the same layer digest."""
+COMPILE_CACHE_DIR = "compile-cache"
+"""Where --compile-cache puts the compiled artifacts (dia2_worker.compile_cache.DIRECTORY); not in the manifest."""
 RECORDED_FLAGS = ("--model", "--demo", "--random-shape", "--dtype", "--revision", "--mimi", "--mimi-revision")
 """The flags that decide a bake's content, which the manifest records; --out and --force only say where."""
 
@@ -228,7 +235,7 @@ def payload_files(directory: Path) -> list[str]:
     from dia2_worker.checkpoint import MANIFEST
 
     names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
-    return sorted(name for name in names if name != MANIFEST)
+    return sorted(name for name in names if name != MANIFEST and not name.startswith(COMPILE_CACHE_DIR + "/"))
 
 
 def sha256_of(path: Path) -> str:
@@ -355,6 +362,23 @@ def bake(args: argparse.Namespace, argv: Sequence[str]) -> None:
         write_manifest(partial, args.dtype, sources, argv)
         check_loads(partial, dtype)
         fix_metadata(partial)
+        if args.compile_cache:
+            make_compile_cache(partial, args.device)
+
+
+def make_compile_cache(directory: Path, device: str | None) -> None:
+    """The worker's start with torch.compile on, in a process of its own (Inductor reads where its cache is when
+    it first compiles), compiling into DIR/compile-cache/<device key>/."""
+    import subprocess
+
+    log("making the compile cache (torch.compile of the serving path: minutes)")
+    command = [sys.executable, "-m", "dia2_worker.precompile", "--model-dir", str(directory)]
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([*command, *(["--device", device] if device else [])], env=env)
+    if done.returncode != 0:
+        raise BakeError(f"the compile cache could not be made: python -m dia2_worker.precompile exited with "
+                        f"{done.returncode} (its log is above)")
 
 
 # ---------------------------------------------------------------------- verifying
@@ -410,6 +434,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "conversion (Systran/faster-whisper-large-v3), Hub repo id or local directory; baked "
                              "into DIR/asr (--demo bakes a tiny random one)")
     parser.add_argument("--asr-revision", metavar="REVISION", help="branch, tag or commit of --asr (main)")
+    parser.add_argument("--compile-cache", action="store_true",
+                        help="also run the worker's start with torch.compile on this machine's device and keep the "
+                             "compiled artifacts in DIR/compile-cache/ (a worker on the same kind of device then "
+                             "compiles nothing; TORCH_COMPILE=auto turns compile on when they are there)")
+    parser.add_argument("--device", help="the device --compile-cache compiles for (cuda when available, else cpu)")
     args = parser.parse_args(argv)
     if args.verify is None and args.out is None:
         parser.error("--out is required")
@@ -417,6 +446,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--verify takes no --out, --force or --asr")
     if args.asr_revision is not None and args.asr is None:
         parser.error("--asr-revision needs --asr")
+    if args.device is not None and not args.compile_cache:
+        parser.error("--device needs --compile-cache")
+    if args.verify is not None and args.compile_cache:
+        parser.error("--verify takes no --compile-cache")
     for flag in ("revision", "mimi", "mimi_revision"):
         if getattr(args, flag) is not None and args.model is None:
             parser.error(f"--{flag.replace('_', '-')} needs --model")

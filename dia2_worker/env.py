@@ -70,3 +70,11 @@ def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if text not in TRUE | FALSE:
         raise WorkerConfigError(f"{name}: must be true or false, got {text!r}")
     return text in TRUE
+
+
+def env_auto_flag(env: Mapping[str, str], name: str) -> bool | None:
+    """A flag that may also be `auto` (the default, None): the worker decides."""
+    text = (env_text(env, name) or "auto").lower()
+    if text != "auto" and text not in TRUE | FALSE:
+        raise WorkerConfigError(f"{name}: must be auto, true or false, got {text!r}")
+    return None if text == "auto" else text in TRUE

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
-from .env import Range, WorkerConfigError, env_flag, env_number
+from .env import Range, WorkerConfigError, env_auto_flag, env_flag, env_number
 from .jobs import WorkerLimits
 from .timing import PHASES, cpu_name
 
@@ -42,9 +42,10 @@ class WorkerSettings:
     """MAX_CONCURRENCY: jobs RunPod hands this worker at once (default: SLOTS); extra ones wait in order."""
     cuda_graphs: bool
     """CUDA_GRAPHS: capture each frame as one CUDA graph (default on for CUDA)."""
-    torch_compile: bool
-    """TORCH_COMPILE: fuse the frame's kernels with torch.compile (default off: compiling costs minutes at
-    start until its cache is baked into the image)."""
+    torch_compile: bool | None
+    """TORCH_COMPILE: fuse the frame's kernels with torch.compile. auto (None, the default): on when the model
+    directory holds a compile cache made for this device and these settings (compile_cache.py), so the start
+    compiles nothing; else off, since compiling at start takes minutes. true forces it, false turns it off."""
     job_timeout_s: float | None
     """JOB_TIMEOUT_S: stop a job not finished this long after it arrived, queueing included (default: none)."""
     inline_audio_max_bytes: int
@@ -89,7 +90,7 @@ class WorkerSettings:
             slots=env_number(env, "SLOTS", int, Range(1, MAX_SLOTS), None),
             max_concurrency=env_number(env, "MAX_CONCURRENCY", int, Range(1, 4096), None),
             cuda_graphs=env_flag(env, "CUDA_GRAPHS", device.startswith("cuda")),
-            torch_compile=env_flag(env, "TORCH_COMPILE", False),
+            torch_compile=env_auto_flag(env, "TORCH_COMPILE"),
             job_timeout_s=env_number(env, "JOB_TIMEOUT_S", float, Range(1.0, 86400.0), None),
             inline_audio_max_bytes=env_number(env, "INLINE_AUDIO_MAX_BYTES", int, Range(0, 64 * 1024 * 1024),
                                               8 * 1024 * 1024),
@@ -118,9 +119,11 @@ def _init_cuda(device: str) -> None:
 class WorkerService:
     """A loaded, warmed model behind a scheduler, and the per-job entry point RunPod calls."""
 
-    def __init__(self, settings: WorkerSettings, runner, scheduler) -> None:
+    def __init__(self, settings: WorkerSettings, runner, scheduler, compiling: bool = False) -> None:
         self.settings, self.runner, self.scheduler = settings, runner, scheduler
         self.max_concurrency = settings.max_concurrency or scheduler.slots
+        self.compiling = compiling
+        """Whether frames run torch.compile'd code (TORCH_COMPILE, decided in `serving`)."""
 
     @classmethod
     def load(cls, env: Mapping[str, str]) -> "WorkerService":
@@ -144,11 +147,14 @@ class WorkerService:
         storage_future = ThreadPoolExecutor(1, thread_name_prefix="dia2-storage").submit(make_storage, storage_settings)
         engine = Dia2Engine.load(settings.model_dir, device=settings.device, dtype=getattr(torch, settings.dtype))
         service = cls.serving(engine, env, settings, limits, storage_future.result, storage_settings.output_dir)
+        before = service.compile_tally() if service.compiling else None
         with PHASES.phase("warm-up"):
             service.warm_up()
+        compiled = "off" if before is None else f"on: {(service.compile_tally() - before).describe()}"
         log.info("ready %.2f s after the process started (loading took %.2f s): %s on %s (%s), %d slots, "
-                 "concurrency %d", PHASES.now(), time.monotonic() - started,
-                 settings.model_dir, settings.device, settings.dtype, service.scheduler.slots, service.max_concurrency)
+                 "concurrency %d, torch.compile %s", PHASES.now(), time.monotonic() - started,
+                 settings.model_dir, settings.device, settings.dtype, service.scheduler.slots, service.max_concurrency,
+                 compiled)
         return service
 
     @classmethod
@@ -180,11 +186,11 @@ class WorkerService:
         # Two prefix speakers of the longest allowed audio (a partial frame still takes a frame).
         length = engine.buffer_length(prefix_frames=2 * (math.ceil(limits.max_prefix_audio_s * frame_rate) + 1))
         slots = settings.slots or default_slots(engine, length)
+        compiling, slots = choose_compile(settings, engine, slots, length)
         log.info("slots: %d generations of up to %d frames, %.1f MiB of cache each", slots, length,
                  slot_bytes(engine, length) / 2**20)
         with PHASES.phase("scheduler (caches, graphs)"):
-            mode = RunMode(graphs=settings.cuda_graphs, compile=settings.torch_compile,
-                           lag=2 if settings.cuda_graphs else 0)
+            mode = RunMode(graphs=settings.cuda_graphs, compile=compiling, lag=2 if settings.cuda_graphs else 0)
             scheduler = Scheduler(engine, slots, length, decode_audio=True, mode=mode)
         atexit.register(scheduler.close)
         runner = JobRunner(scheduler, storage(), limits, RunnerSettings(
@@ -194,34 +200,39 @@ class WorkerService:
             upload_timeout_s=settings.upload_timeout_s,
             spool_max_bytes=settings.spool_max_bytes,
         ), VoicePrefixes(voices, transcriber))
-        return cls(settings, runner, scheduler)
+        return cls(settings, runner, scheduler, compiling)
 
     def warm_up(self) -> None:
         """A generation through the whole path before any job, then cancelled: on a GPU up to its first audio
         frame (graph replays, the decoder's graph, cuBLAS handles); on a CPU, which has nothing to capture,
-        for a few frames (a frame of a 2B model takes seconds there)."""
+        for a few frames (a frame of a 2B model takes seconds there). With torch.compile, up to its first audio
+        frame on a CPU too (the decode is compiled as well), and with more than one slot a second generation
+        joins the first: the frame is compiled (or loaded from the compile cache) for a batch of one and for
+        larger batches before ready, not while jobs run."""
         from .engine import GenerationParams, GenerationRequest
 
-        done = threading.Event()
-        errors: list[BaseException] = []
-        outputs = [0]
-        enough = math.inf if self.scheduler.engine.device.type == "cuda" else WARMUP_CPU_STEPS
-
-        def on_output(out) -> None:
-            if isinstance(out, BaseException):
-                errors.append(out)
-                done.set()
-                return
-            outputs[0] += 1
-            if out.frames or out.finished or outputs[0] > enough:
-                done.set()
-
+        to_first_frame = self.compiling or self.scheduler.engine.device.type == "cuda"
+        enough = math.inf if to_first_frame else WARMUP_CPU_STEPS
         plan = self.scheduler.engine.prepare(GenerationRequest(WARMUP_SCRIPT, GenerationParams(seed=0)))
-        ticket = self.scheduler.submit(plan, on_output)
-        done.wait()
-        ticket.cancel()
-        if errors:
-            raise RuntimeError("warm-up generation failed") from errors[0]
+        rows = 2 if self.compiling and self.scheduler.slots > 1 else 1
+        tickets = []
+        try:
+            for _ in range(rows):  # the next joins while the ones before still run: a batch of them
+                done = threading.Event()
+                errors: list[BaseException] = []
+                tickets.append(self.scheduler.submit(plan, _warm_up_receiver(done, errors, enough)))
+                done.wait()
+                if errors:
+                    raise RuntimeError("warm-up generation failed") from errors[0]
+        finally:
+            for ticket in tickets:
+                ticket.cancel()
+
+    def compile_tally(self):
+        """Inductor graphs this process compiled so far, and how many came from the compile cache."""
+        from . import compile_cache
+
+        return compile_cache.tally()
 
     async def handle(self, job: dict[str, Any]) -> AsyncIterator[dict]:
         received = time.monotonic()
@@ -259,13 +270,69 @@ class WorkerService:
                   "first_job": {"submitted_s": ready_s, "first_audio_s": first_audio_s,
                                 "ttfa_ms": (first_audio_s - ready_s) * 1000},
                   "settings": {"model_dir": str(self.settings.model_dir), "device": self.settings.device,
-                               "dtype": self.settings.dtype, "cuda_graphs": self.settings.cuda_graphs}}
+                               "dtype": self.settings.dtype, "cuda_graphs": self.settings.cuda_graphs,
+                               "torch_compile": self.compiling},
+                  "compiled": self.compile_tally().as_dict() if self.compiling else None}
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
 
     def concurrency(self, current: int) -> int:
         """Constant on purpose: the SDK drains every running job before it acts on a change."""
         return self.max_concurrency
+
+
+def _warm_up_receiver(done: threading.Event, errors: list[BaseException], enough: float) -> Callable:
+    """A warm-up generation's output receiver: `done` at its first audio frame, its end, an error, or after
+    `enough` outputs."""
+    outputs = [0]
+
+    def on_output(out) -> None:
+        if isinstance(out, BaseException):
+            errors.append(out)
+            done.set()
+            return
+        outputs[0] += 1
+        if out.frames or out.finished or outputs[0] > enough:
+            done.set()
+
+    return on_output
+
+
+def choose_compile(settings: WorkerSettings, engine, slots: int, length: int) -> tuple[bool, int]:
+    """Whether frames run compiled (TORCH_COMPILE), and the slot count. The model directory's compile cache for
+    this device is used when its compiled frames fit this start (dtype, buffer length, slots); with SLOTS unset
+    the worker takes the slot count it was made for when memory holds that many. `auto` compiles only from such
+    a cache, since compiling at start takes minutes; `true` compiles anyway."""
+    from . import compile_cache
+
+    forced = settings.torch_compile
+    if forced is False:
+        return False, slots
+    missing = compile_cache.compiler_missing(engine.device)
+    if missing is not None and forced:
+        raise WorkerConfigError(f"TORCH_COMPILE: {missing}")
+    cache = compile_cache.find(settings.model_dir, engine.device)
+    if cache is None:
+        why = (f"no compile cache for this device ({compile_cache.device_key(engine.device)}) in "
+               f"{settings.model_dir / compile_cache.DIRECTORY}")
+    elif (why := cache.mismatch(settings.dtype, length)) is None and cache.made.slots != slots:
+        if settings.slots is not None:
+            why = f"made for {cache.made.slots} slots, SLOTS is {slots}"
+        elif cache.made.slots > slots:
+            why = f"made for {cache.made.slots} slots, this device's free memory holds {slots}"
+        else:
+            slots = cache.made.slots
+    why = why or missing
+    if why is not None and not forced:
+        log.info("torch.compile off (TORCH_COMPILE=auto): %s", why)
+        return False, slots
+    if why is not None:
+        log.warning("torch.compile on (TORCH_COMPILE=true), compiling at start (minutes): %s", why)
+    if cache is not None:
+        directory = compile_cache.use(cache)
+        log.info("torch.compile on: compile cache %s (%d graphs, %d slots)%s", cache.directory, cache.made.graphs,
+                 cache.made.slots, "" if directory.parent == cache.directory else f", copied to {directory.parent}")
+    return True, slots
 
 
 def slot_bytes(engine, length: int) -> int:
