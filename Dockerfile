@@ -4,12 +4,13 @@
 #   docker build -t dia2-worker --build-arg MODEL=nari-labs/Dia2-2B --build-arg MODEL_REVISION=<commit> .
 #   docker build -t dia2-worker:demo --build-arg DEMO=1 .           # tiny random models, no download
 #   (gated or private repos: add --secret id=hf_token,env=HF_TOKEN)
+#   torch.compile's artifacts for the endpoint's GPU kind: see the compile-cache stages at the end.
 #
 # The command is the queue worker; SERVE_MODE=http makes it the OpenAI-compatible speech server for a
 # load-balancing endpoint (PORT, default 8000; /ping also on PORT_HEALTH when that differs).
 #
 # Layers, largest and least often changed first: the Python environment (torch with its CUDA libraries),
-# then the baked weights, then our code (small, changes most).
+# then the baked weights, then our code (small, changes most), then torch.compile's artifacts (if any).
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
@@ -59,10 +60,12 @@ RUN --mount=type=secret,id=hf_token,env=HF_TOKEN --mount=type=cache,target=/cach
     fi \
     && python bake_weights.py --verify /models/dia2
 
-# --- the runtime: venv, weights, code; nothing from the build stages' caches
+# --- the runtime: venv, weights, code; nothing from the build stages' caches. g++: torch.compile builds its
+# kernels with a C/C++ compiler (Inductor's CPU code, Triton's launchers), and Inductor checks for it even when
+# everything comes from the compile cache.
 FROM ${PYTHON_IMAGE} AS runtime
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates g++ \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=weights /models/dia2 /models/dia2
@@ -78,3 +81,28 @@ ENV PATH=/opt/venv/bin:$PATH \
     OMP_WAIT_POLICY=PASSIVE
 EXPOSE 8000
 CMD ["python", "-u", "handler.py"]
+
+# --- torch.compile's artifacts: the worker's start run with compile on (python -m dia2_worker.precompile),
+# keeping what it compiled in /models/dia2/compile-cache/<device key>/. A worker that finds a cache for its
+# device kind turns compile on (TORCH_COMPILE=auto) and compiles nothing at start; without one it runs
+# uncompiled. Compiled code is device-specific (GPU model, CUDA, torch): the cache must be made on the kind of
+# GPU the endpoint runs. RUN steps of `docker build` see no GPU, so for a GPU image make it with the image on
+# such a machine, then build again with it as the `compile-cache` context (which replaces the stage below):
+#   docker run --rm --gpus all -v "$PWD/compile-cache:/models/dia2/compile-cache" dia2-worker \
+#       python -m dia2_worker.precompile --model-dir /models/dia2
+#   docker build -t dia2-worker --build-context compile-cache=./compile-cache --build-arg MODEL=... .
+# --build-arg COMPILE_CACHE=1 makes it here instead, on the build machine's CPU: for images that serve on a CPU.
+FROM runtime AS compiled
+ARG COMPILE_CACHE=0
+RUN mkdir -p /compile-cache \
+    && if [ "$COMPILE_CACHE" = "1" ]; then \
+        python -m dia2_worker.precompile --model-dir /models/dia2 \
+        && cp -a /models/dia2/compile-cache/. /compile-cache/; \
+    fi
+
+FROM scratch AS compile-cache
+COPY --from=compiled /compile-cache /
+
+# --- the image: the runtime, and the compile cache in its own small layer (empty when none was made)
+FROM runtime AS image
+COPY --from=compile-cache / /models/dia2/compile-cache/
